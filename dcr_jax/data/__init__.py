@@ -1,0 +1,1 @@
+"""Prompt sets: loaders, registry, tokenisation and sampling."""

@@ -1,0 +1,120 @@
+"""The decoder: embeddings, blocks, final norm and tied (or separate) head; no training logic."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dcr_jax.errors import UserError
+from dcr_jax.model.config import ModelConfig
+from dcr_jax.model.layers import Block, RMSNorm, param
+
+Array = jax.Array
+
+
+class DecoderOutput(NamedTuple):
+  """What a forward returns when more than logits is asked for."""
+
+  logits: Array | None  # [B T V] float32, [B V] with logits_index, None with stop_at_layer
+  hidden: dict[int, Array]  # layer ℓ -> residual stream after ℓ blocks [B T D] (ℓ = 0 is the embedding)
+  cache: dict | None  # updated KV cache when one was given
+
+
+def default_positions(mask: Array, offset: Array | int = 0) -> Array:
+  """[B T] positions counting only valid tokens (left or right padding), starting at `offset` [B] or scalar."""
+  valid = (mask != 0).astype(jnp.int32)
+  return jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0) + jnp.asarray(offset, jnp.int32)[..., None]
+
+
+class Decoder(nnx.Module):
+  """Gemma-family decoder. `model(tokens [B T])` -> float32 logits [B T V]; options documented on __call__."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    pd = jnp.dtype(config.param_dtype)
+    init = nnx.initializers.normal(stddev=1.0 / np.sqrt(config.embed_dim))
+    self.embedding = param(init(rngs.params(), (config.vocab_size, config.embed_dim), pd), ("vocab", "embed"))
+    self.layers = nnx.List([Block(config, i, rngs=rngs) for i in range(config.num_layers)])
+    self.final_norm = RMSNorm(config.embed_dim, eps=config.norm_eps, offset=config.norm_scale_offset, param_dtype=pd)
+    if not config.tie_embeddings:
+      self.head = param(init(rngs.params(), (config.embed_dim, config.vocab_size), pd), ("embed", "vocab"))
+    self.constrain_activations = None  # optional callable on the residual stream at block boundaries
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty KV cache: per-layer k/v [B S K H], slot segments [B S] (0 = empty) and the next write slot."""
+    cfg = self.config
+    dtype = dtype or jnp.dtype(cfg.dtype)
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
+    return {"index": jnp.zeros((), jnp.int32), "segments": jnp.zeros((batch, max_len), jnp.int32), "layers": layers}
+
+  def __call__(self, tokens, positions=None, mask=None, *, cache: dict | None = None,
+               stop_at_layer: int | None = None, return_hidden: Sequence[int] = (), logits_index=None):
+    """Forward pass.
+
+    tokens [B T] int; mask [B T] (0 = padding; equal non-zero values form one sequence, so packed rows do not attend
+    across examples); positions [B T] (default: count of valid tokens). With `cache`, tokens are written at slot
+    cache["index"] and attend to all earlier slots. `stop_at_layer=ℓ` runs only blocks < ℓ and returns no logits.
+    `logits_index` [B] picks one position per row. Returns logits alone when no option is given, else DecoderOutput.
+    """
+    cfg = self.config
+    tokens = jnp.asarray(tokens, jnp.int32)
+    b, t = tokens.shape
+    mask = jnp.ones((b, t), jnp.int32) if mask is None else jnp.asarray(mask).astype(jnp.int32)
+    depth = cfg.num_layers if stop_at_layer is None else stop_at_layer
+    wanted = set(return_hidden) | ({depth} if stop_at_layer is not None else set())
+    if not 0 <= depth <= cfg.num_layers or any(not 0 <= l <= depth for l in wanted):
+      raise UserError(f"layers {sorted(wanted)} / stop_at_layer={stop_at_layer} out of range 0..{cfg.num_layers}")
+
+    if cache is None:
+      slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+      cache_segments = write_at = None
+      if positions is None:
+        positions = default_positions(mask)
+    else:
+      write_at = cache["index"]
+      slots = jnp.broadcast_to(write_at + jnp.arange(t, dtype=jnp.int32), (b, t))
+      if positions is None:
+        positions = default_positions(mask, offset=jnp.sum(cache["segments"] != 0, axis=-1))
+      cache_segments = jax.lax.dynamic_update_slice(cache["segments"], mask, (0, write_at))
+
+    x = self.embedding[...][tokens].astype(cfg.dtype)
+    if cfg.scale_embeddings:
+      x = x * jnp.asarray(cfg.embed_dim ** 0.5, cfg.dtype)
+    hidden = {0: x} if 0 in wanted else {}
+    new_layers = []
+    for i in range(depth):
+      layer_cache = None if cache is None else cache["layers"][i]
+      x, layer_cache = self.layers[i](x, positions, mask, slots, layer_cache, cache_segments, write_at)
+      if self.constrain_activations is not None:
+        x = self.constrain_activations(x)
+      new_layers.append(layer_cache)
+      if i + 1 in wanted:
+        hidden[i + 1] = x
+
+    new_cache = None
+    if cache is not None:
+      new_cache = {"index": write_at + t, "segments": cache_segments,
+                   "layers": new_layers + list(cache["layers"][depth:])}
+    if stop_at_layer is not None:
+      return DecoderOutput(None, hidden, new_cache)
+
+    if logits_index is not None:
+      x = jnp.take_along_axis(x, jnp.asarray(logits_index, jnp.int32)[:, None, None], axis=1)[:, 0]
+    logits = self.logits(self.final_norm(x))
+    if cache is None and not return_hidden:
+      return logits
+    return DecoderOutput(logits, hidden, new_cache)
+
+  def logits(self, x: Array) -> Array:
+    """Final-normed hidden [..., D] -> float32 logits [..., V], soft-capped when configured."""
+    head = self.embedding[...].T if self.config.tie_embeddings else self.head[...]
+    logits = (x @ head.astype(x.dtype)).astype(jnp.float32)
+    if self.config.final_logit_softcap is not None:
+      cap = self.config.final_logit_softcap
+      logits = jnp.tanh(logits / cap) * cap
+    return logits

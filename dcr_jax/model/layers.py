@@ -1,0 +1,171 @@
+"""Building blocks of the decoder: norms, projections (LoRA-ready), rotary embeddings, attention, MLP, block."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dcr_jax.model.config import ModelConfig
+
+Array = jax.Array
+
+
+class LoRAParam(nnx.Param):
+  """A low-rank adapter weight; filter on this type to train or export adapters only."""
+
+
+def param(value: Array, axes: tuple[str | None, ...]) -> nnx.Param:
+  """A parameter carrying logical axis names (resolved to mesh axes by `dcr_jax.parallel`)."""
+  return nnx.Param(value, logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm computed in float32, scaled by (offset + w): Gemma stores w around 0, Llama around 1."""
+
+  def __init__(self, dim: int, *, eps: float, offset: float, param_dtype):
+    self.scale = param(jnp.zeros((dim,), param_dtype), ("norm",))
+    self.eps = eps
+    self.offset = offset
+
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (normed * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+
+
+class Dense(nnx.Module):
+  """`x @ kernel` with kernel [in, out], plus `(x @ lora_a) @ lora_b * lora_scale` once LoRA is attached."""
+
+  def __init__(self, in_dim: int, out_dim: int, axes: tuple[str, str], *, rngs: nnx.Rngs, param_dtype):
+    init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+    self.kernel = param(init(rngs.params(), (in_dim, out_dim), param_dtype), axes)
+    self.lora_a: LoRAParam | None = nnx.data(None)
+    self.lora_b: LoRAParam | None = nnx.data(None)
+    self.lora_scale = 0.0
+
+  def __call__(self, x: Array) -> Array:
+    y = x @ self.kernel[...].astype(x.dtype)
+    if self.lora_a is not None:
+      y = y + ((x @ self.lora_a[...].astype(x.dtype)) @ self.lora_b[...].astype(x.dtype)) * self.lora_scale
+    return y
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scale: float) -> Array:
+  """[H/2] inverse frequencies, divided by the linear scaling factor."""
+  return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)) / scale
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+  """Rotary embedding in the rotate-half layout. x [B T N H], positions [B T]."""
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # B T H/2
+  angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # B T 1 H
+  cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos + rotated * sin
+
+
+def attention_mask(q_segments: Array, kv_segments: Array, q_slots: Array, kv_slots: Array,
+                   window: int | None) -> Array:
+  """[B T S] bool from segments and slots ([B T], [B S]): same non-zero segment, causal in slots, and within the sliding window when given."""
+  same = (q_segments[:, :, None] == kv_segments[:, None, :]) & (kv_segments[:, None, :] != 0)
+  q_slots, kv_slots = q_slots[:, :, None], kv_slots[:, None, :]
+  mask = same & (kv_slots <= q_slots)
+  if window is not None:
+    mask = mask & (kv_slots > q_slots - window)
+  return mask
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with optional q/k norm, logit soft-capping and per-layer RoPE base."""
+
+  def __init__(self, cfg: ModelConfig, layer_type: str, *, rngs: nnx.Rngs):
+    d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    pd = jnp.dtype(cfg.param_dtype)
+    self.q_proj = Dense(d, n * h, ("embed", "heads"), rngs=rngs, param_dtype=pd)
+    self.k_proj = Dense(d, k * h, ("embed", "kv_heads"), rngs=rngs, param_dtype=pd)
+    self.v_proj = Dense(d, k * h, ("embed", "kv_heads"), rngs=rngs, param_dtype=pd)
+    self.o_proj = Dense(n * h, d, ("heads", "embed"), rngs=rngs, param_dtype=pd)
+    if cfg.use_qk_norm:
+      self.q_norm = RMSNorm(h, eps=cfg.norm_eps, offset=cfg.norm_scale_offset, param_dtype=pd)
+      self.k_norm = RMSNorm(h, eps=cfg.norm_eps, offset=cfg.norm_scale_offset, param_dtype=pd)
+    is_local = layer_type == "local"
+    self.window = cfg.sliding_window if is_local else None
+    self.rope = (cfg.rope_theta_local, 1.0) if is_local else (cfg.rope_theta_global, cfg.rope_scale_global)
+    self.heads = (n, k, h)
+    self.scale = cfg.attn_scale
+    self.softcap = cfg.attn_logit_softcap
+    self.use_qk_norm = cfg.use_qk_norm
+
+  def __call__(self, x: Array, positions: Array, segments: Array, slots: Array, kv_cache: dict | None,
+               cache_segments: Array | None, write_at: Array | None) -> tuple[Array, dict | None]:
+    b, t, _ = x.shape
+    n, k, h = self.heads
+    q = self.q_proj(x).reshape(b, t, n, h)
+    key = self.k_proj(x).reshape(b, t, k, h)
+    value = self.v_proj(x).reshape(b, t, k, h)
+    if self.use_qk_norm:
+      q, key = self.q_norm(q), self.k_norm(key)
+    inv_freq = rope_inverse_frequencies(h, *self.rope)
+    q, key = apply_rope(q, positions, inv_freq), apply_rope(key, positions, inv_freq)
+    if kv_cache is None:
+      kv_segments, kv_slots = segments, slots
+    else:  # write this chunk into the cache, then attend over every cache slot
+      key = jax.lax.dynamic_update_slice(kv_cache["k"], key.astype(kv_cache["k"].dtype), (0, write_at, 0, 0))
+      value = jax.lax.dynamic_update_slice(kv_cache["v"], value.astype(kv_cache["v"].dtype), (0, write_at, 0, 0))
+      kv_cache = {"k": key, "v": value}
+      kv_segments = cache_segments
+      kv_slots = jnp.broadcast_to(jnp.arange(key.shape[1], dtype=jnp.int32), cache_segments.shape)
+    mask = attention_mask(segments, kv_segments, slots, kv_slots, self.window)  # B T S
+    q = (q * self.scale).reshape(b, t, k, n // k, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, key.astype(q.dtype)).astype(jnp.float32)
+    if self.softcap is not None:
+      logits = jnp.tanh(logits / self.softcap) * self.softcap
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, value.astype(x.dtype)).reshape(b, t, n * h)
+    return self.o_proj(out), kv_cache
+
+
+class MLP(nnx.Module):
+  """Gated MLP: down(act(gate(x)) * up(x)); GeGLU (tanh GELU) for Gemma, SwiGLU for Llama/Qwen."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    pd = jnp.dtype(cfg.param_dtype)
+    self.gate_proj = Dense(cfg.embed_dim, cfg.mlp_dim, ("embed", "mlp"), rngs=rngs, param_dtype=pd)
+    self.up_proj = Dense(cfg.embed_dim, cfg.mlp_dim, ("embed", "mlp"), rngs=rngs, param_dtype=pd)
+    self.down_proj = Dense(cfg.mlp_dim, cfg.embed_dim, ("mlp", "embed"), rngs=rngs, param_dtype=pd)
+    self.activation = cfg.activation
+
+  def __call__(self, x: Array) -> Array:
+    gate = self.gate_proj(x)
+    gate = jax.nn.gelu(gate, approximate=True) if self.activation == "gelu_tanh" else jax.nn.silu(gate)
+    return self.down_proj(gate * self.up_proj(x))
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block, with the Gemma 2/3 post-norms when configured."""
+
+  def __init__(self, cfg: ModelConfig, layer_index: int, *, rngs: nnx.Rngs):
+    pd = jnp.dtype(cfg.param_dtype)
+    norm = lambda: RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, offset=cfg.norm_scale_offset, param_dtype=pd)
+    self.pre_attn_norm = norm()
+    self.attn = Attention(cfg, cfg.layer_types[layer_index], rngs=rngs)
+    self.pre_ffw_norm = norm()
+    self.mlp = MLP(cfg, rngs=rngs)
+    self.use_post_norms = cfg.use_post_norms
+    if cfg.use_post_norms:
+      self.post_attn_norm = norm()
+      self.post_ffw_norm = norm()
+
+  def __call__(self, x, positions, segments, slots, kv_cache=None, cache_segments=None, write_at=None):
+    attn_out, kv_cache = self.attn(self.pre_attn_norm(x), positions, segments, slots, kv_cache, cache_segments,
+                                   write_at)
+    if self.use_post_norms:
+      attn_out = self.post_attn_norm(attn_out)
+    x = x + attn_out
+    mlp_out = self.mlp(self.pre_ffw_norm(x))
+    if self.use_post_norms:
+      mlp_out = self.post_ffw_norm(mlp_out)
+    return x + mlp_out, kv_cache

@@ -1,0 +1,1 @@
+"""Training: losses, train state, step builders and the loop."""

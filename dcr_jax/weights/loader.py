@@ -1,0 +1,82 @@
+"""Load decoder params from GGUF or HF safetensors straight into place, and export to HF safetensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+from tqdm.auto import tqdm
+
+from dcr_jax.errors import UserError
+from dcr_jax.model import Decoder, ModelConfig
+from dcr_jax.model.lora import merged_kernel
+from dcr_jax.weights import hf_config
+from dcr_jax.weights.sources import GGUFSource, SafetensorsSource
+from dcr_jax.weights.tables import LINEAR, NORM, weight_table
+
+# (path, logical axes) -> where the tensor goes; None puts it on the default device
+Placement = Callable[[tuple, tuple], jax.sharding.Sharding] | None
+
+
+def abstract_model(cfg: ModelConfig) -> Decoder:
+  """The decoder with shapes only: no parameter memory is allocated."""
+  return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+
+
+def _to_ours(raw, kind: str, *, from_gguf: bool, cfg: ModelConfig):
+  if kind == LINEAR:
+    raw = raw.T
+  if kind == NORM and from_gguf and cfg.norm_scale_offset == 1.0:
+    raw = raw - 1.0  # llama.cpp stores Gemma's (1 + w)
+  return raw
+
+
+def load_params(cfg: ModelConfig, source: GGUFSource | SafetensorsSource, *, place: Placement = None,
+                progress: bool = True) -> Decoder:
+  """A Decoder whose params are read one tensor at a time from `source` and put directly where `place` says."""
+  graphdef, state = nnx.split(abstract_model(cfg))
+  variables = dict(nnx.to_flat_state(state))
+  flat = {path: var.get_value() for path, var in variables.items()}
+  from_gguf = isinstance(source, GGUFSource)
+  table = weight_table(cfg)
+  for entry in tqdm(table, desc=f"loading {source.path.name}", disable=not progress, leave=False):
+    name = entry.gguf if from_gguf else entry.hf
+    expected = flat[entry.path]
+    value = _to_ours(source.get(name), entry.kind, from_gguf=from_gguf, cfg=cfg)
+    if tuple(value.shape) != tuple(expected.shape):
+      raise UserError(f"{source.path}: tensor {name!r} has shape {tuple(value.shape)}, expected "
+                      f"{tuple(expected.shape)} for this config")
+    target = place(entry.path, variables[entry.path].logical_axes) if place else None
+    flat[entry.path] = jax.device_put(value.astype(expected.dtype), target)
+  missing = [p for p, v in flat.items() if isinstance(v, jax.ShapeDtypeStruct)]
+  if missing:
+    raise UserError(f"{source.path}: no source tensor for parameters {missing[:3]}")
+  nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat))
+  return nnx.merge(graphdef, state)
+
+
+def export_hf(model: Decoder, directory: str | Path) -> Path:
+  """Writes config.json + model.safetensors that transformers' *ForCausalLM loads (LoRA merged in)."""
+  from safetensors.numpy import save_file
+
+  cfg = model.config
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  tensors = {}
+  for entry in weight_table(cfg):
+    module, leaf = model, entry.path
+    for key in leaf[:-1]:
+      module = module[key] if isinstance(key, int) else getattr(module, key)
+    value = merged_kernel(module) if leaf[-1] == "kernel" else getattr(module, leaf[-1])[...]
+    value = np.asarray(jax.device_get(value), dtype=np.float32)
+    tensors[entry.hf] = np.ascontiguousarray(value.T if entry.kind == LINEAR else value)
+  save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+  (directory / "config.json").write_text(json.dumps(hf_config.to_hf_config(cfg), indent=2))
+  return directory
+
+
