@@ -59,7 +59,8 @@ class Decoder(nnx.Module):
     tokens [B T] int; mask [B T] (0 = padding; equal non-zero values form one sequence, so packed rows do not attend
     across examples); positions [B T] (default: count of valid tokens). With `cache`, tokens are written at slot
     cache["index"] and attend to all earlier slots. `stop_at_layer=ℓ` runs only blocks < ℓ and returns no logits.
-    `logits_index` [B] picks one position per row. Returns logits alone when no option is given, else DecoderOutput.
+    `logits_index` [B] picks one position per row. Returns the logits alone unless `cache`, `return_hidden` or
+    `stop_at_layer` is given; then a DecoderOutput.
     """
     cfg = self.config
     tokens = jnp.asarray(tokens, jnp.int32)

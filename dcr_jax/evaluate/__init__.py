@@ -1,0 +1,1 @@
+"""Evaluation: batched KV-cache generation (refusal detection and suites build on it)."""

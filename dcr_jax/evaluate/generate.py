@@ -1,0 +1,91 @@
+"""Batched generation under jit with a KV cache: left-padded, length-bucketed, greedy or temperature/top-p."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dcr_jax.model import Decoder
+
+
+def left_pad(sequences: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """[B length] tokens and mask, each sequence right-aligned."""
+  tokens = np.full((len(sequences), length), pad_id, np.int32)
+  mask = np.zeros((len(sequences), length), np.int32)
+  for i, seq in enumerate(sequences):
+    tokens[i, length - len(seq):] = seq
+    mask[i, length - len(seq):] = 1
+  return tokens, mask
+
+
+def bucket_length(n: int, bucket: int) -> int:
+  """`n` rounded up to a multiple of `bucket`, so that few distinct shapes get compiled."""
+  return max(bucket, int(math.ceil(n / bucket)) * bucket)
+
+
+def _sample(logits, rng, temperature: float, top_p: float):
+  """Next token [B] from float32 logits [B V]: argmax at temperature 0, else nucleus sampling."""
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    cutoff_index = jnp.sum(cumulative < top_p, axis=-1, keepdims=True)
+    cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p"))
+def _generate_jit(graphdef, state, tokens, mask, stop_ids, rng, *, max_new_tokens: int, temperature: float,
+                  top_p: float):
+  """Prefill then a while-loop of single-token decode steps; returns [B max_new_tokens] ids and their validity."""
+  model = nnx.merge(graphdef, state)
+  b, t = tokens.shape
+  cache = model.init_cache(b, t + max_new_tokens)
+  out = model(tokens, mask=mask, cache=cache, logits_index=jnp.full((b,), t - 1))
+  rng, step_rng = jax.random.split(rng)
+  first = _sample(out.logits, step_rng, temperature, top_p)
+  generated = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
+  done = jnp.isin(first, stop_ids)
+  lengths = jnp.ones((b,), jnp.int32)
+
+  def cond(carry):
+    step, _, _, done, _, _ = carry
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    step, cache, generated, done, lengths, rng = carry
+    last = generated[:, step - 1][:, None]
+    step_out = model(last, mask=jnp.ones_like(last), cache=cache)
+    rng, step_rng = jax.random.split(rng)
+    token = _sample(step_out.logits[:, 0], step_rng, temperature, top_p)
+    generated = generated.at[:, step].set(token)
+    lengths = lengths + (~done).astype(jnp.int32)
+    done = done | jnp.isin(token, stop_ids)
+    return step + 1, step_out.cache, generated, done, lengths, rng
+
+  carry = (jnp.ones((), jnp.int32), out.cache, generated, done, lengths, rng)
+  _, _, generated, _, lengths, _ = jax.lax.while_loop(cond, body, carry)
+  return generated, lengths
+
+
+def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_ids: Sequence[int],
+             pad_id: int = 0, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             bucket: int = 32) -> list[list[int]]:
+  """New token ids for each prompt (stop token included when reached), generated as one left-padded batch."""
+  length = bucket_length(max(len(p) for p in prompts), bucket)
+  tokens, mask = left_pad(prompts, length, pad_id)
+  graphdef, state = nnx.split(model)
+  generated, lengths = _generate_jit(graphdef, state, tokens, mask, jnp.asarray(stop_ids, jnp.int32),
+                                     jax.random.key(seed), max_new_tokens=max_new_tokens,
+                                     temperature=float(temperature), top_p=float(top_p))
+  generated, lengths = np.asarray(generated), np.asarray(lengths)
+  return [generated[i, :lengths[i]].tolist() for i in range(len(prompts))]
