@@ -47,10 +47,12 @@ def load_params(cfg: ModelConfig, source: GGUFSource | SafetensorsSource, *, pla
   for entry in tqdm(table, desc=f"loading {source.path.name}", disable=not progress, leave=False):
     name = entry.gguf if from_gguf else entry.hf
     expected = flat[entry.path]
-    value = _to_ours(source.get(name), entry.kind, from_gguf=from_gguf, cfg=cfg)
+    raw = source.get(name)
+    value = _to_ours(raw, entry.kind, from_gguf=from_gguf, cfg=cfg)
     if tuple(value.shape) != tuple(expected.shape):
-      raise UserError(f"{source.path}: tensor {name!r} has shape {tuple(value.shape)}, expected "
-                      f"{tuple(expected.shape)} for this config")
+      wanted = tuple(expected.shape)[::-1] if entry.kind == LINEAR else tuple(expected.shape)
+      raise UserError(f"{source.path}: tensor {name!r} has shape {tuple(raw.shape)}, expected {wanted} "
+                      "for this config")
     target = place(entry.path, variables[entry.path].logical_axes) if place else None
     flat[entry.path] = jax.device_put(value.astype(expected.dtype), target)
   missing = [p for p, v in flat.items() if isinstance(v, jax.ShapeDtypeStruct)]

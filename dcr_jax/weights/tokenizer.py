@@ -108,3 +108,34 @@ def stop_token_ids(tokenizer) -> list[int]:
   if isinstance(end, int) and end != tokenizer.unk_token_id:
     ids.add(end)
   return sorted(i for i in ids if i is not None)
+
+
+TINY_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+
+
+def tiny_tokenizer(vocab_size: int, corpus: list[str]) -> "PreTrainedTokenizerBase":
+  """A small byte-level BPE with Gemma's special tokens and ids (pad 0, eos 1, bos 2), trained on `corpus` once
+  and cached: it lets random-init tiny models run the real pipeline without any weights file."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+  digest = hashlib.sha256("\n".join(corpus).encode()).hexdigest()[:12]
+  cached = cache_root() / "tokenizers" / f"tiny-{vocab_size}-{digest}"
+  if not (cached / "tokenizer.json").is_file():
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=TINY_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(corpus, trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                  bos_token="<bos>", unk_token="<unk>",
+                                  additional_special_tokens=["<start_of_turn>", "<end_of_turn>"])
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cached.parent))
+    tok.save_pretrained(tmp)
+    try:
+      tmp.rename(cached)
+    except OSError:
+      shutil.rmtree(tmp, ignore_errors=True)
+  return AutoTokenizer.from_pretrained(cached)

@@ -1,0 +1,29 @@
+# Two commands do everything on a fresh machine with Python >= 3.11: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build of torch lies in /opt/wheels on the project's machines; elsewhere pip takes it from PyPI.
+FIND_LINKS := $(if $(wildcard /opt/wheels/*.whl),--find-links /opt/wheels,)
+
+$(VENV)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(FIND_LINKS) -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PY) -m pip install -q $(FIND_LINKS) -e '.[test]'
+	touch $@
+
+.PHONY: run test test-all bench
+run: $(VENV)/.base
+	$(PY) -m dcr_jax.main --config=configs/gemma.py --workdir=runs/default
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q tests
+
+test-all: $(VENV)/.test
+	$(PY) -m pytest -q tests --runslow
+
+bench: $(VENV)/.test
+	$(PY) bench/forward.py

@@ -1,0 +1,190 @@
+"""Shared helpers for the benchmarks: machine/version info, fp32 matmul peak, timing, peak RSS, tables.
+
+Every bench imports from here so that figures from different benches are comparable: the same timing rule
+(warm-up calls, then the median of timed repeats, each call blocked until its result is ready), the same
+matmul-peak probe and the same record of the machine and library versions the numbers came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo (or platform.processor() elsewhere)."""
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.lower().startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def cpu_flags() -> list[str]:
+  """The SIMD-relevant CPU flags (avx2, avx512*, amx*, fma), for reading matmul peaks."""
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("flags"):
+        flags = line.split(":", 1)[1].split()
+        return sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
+  except OSError:
+    pass
+  return []
+
+
+def load_average() -> list[float] | None:
+  """1/5/15-minute load averages; compare with the core count to judge whether timings were contended."""
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    return None
+
+
+def _version(module: str) -> str | None:
+  try:
+    mod = __import__(module)
+  except Exception:  # noqa: BLE001 - a missing or broken optional library is just "not installed"
+    return None
+  return getattr(mod, "__version__", "unknown")
+
+
+def machine_info() -> dict[str, Any]:
+  """Machine, thread settings and library versions, to store next to every result."""
+  info = {
+      "cpu": cpu_model(),
+      "cpu_count": os.cpu_count(),
+      "cpu_flags": cpu_flags(),
+      "platform": platform.platform(),
+      "python": sys.version.split()[0],
+      "load_average_at_start": load_average(),
+      "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "JAX_PLATFORMS")
+              if os.environ.get(k) is not None},
+      "versions": {m: _version(m) for m in ("jax", "jaxlib", "flax", "numpy", "torch", "transformers")},
+  }
+  try:
+    import jax
+
+    info["jax_devices"] = [str(d) for d in jax.devices()]
+  except Exception:  # noqa: BLE001
+    pass
+  try:
+    import torch
+
+    info["torch_threads"] = torch.get_num_threads()
+  except Exception:  # noqa: BLE001
+    pass
+  return info
+
+
+def peak_rss_mib() -> float:
+  """This process's peak resident set size so far, in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def time_fn(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5, block: Callable[[Any], Any] | None = None,
+            ) -> dict[str, Any]:
+  """Calls `fn` `warmup` times untimed, then `repeats` times timed; returns seconds (median first).
+
+  `block(result)` must wait until the result is computed (JAX dispatch is asynchronous); by default a result with
+  `block_until_ready` (or a pytree of them) is blocked on, anything else is taken as already done.
+  """
+  block = block or block_until_ready
+  for _ in range(warmup):
+    block(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    block(fn())
+    times.append(time.perf_counter() - start)
+  return {
+      "median_s": statistics.median(times),
+      "min_s": min(times),
+      "max_s": max(times),
+      "times_s": [round(t, 6) for t in times],
+      "warmup": warmup,
+      "repeats": repeats,
+  }
+
+
+def block_until_ready(result: Any) -> Any:
+  """Waits for JAX arrays anywhere in `result` (a no-op for torch tensors and plain values)."""
+  try:
+    import jax
+
+    return jax.block_until_ready(result)
+  except ImportError:
+    return result
+
+
+def matmul_peak(n: int = 2048, *, repeats: int = 10, torch_threads: int | None = None) -> dict[str, Any]:
+  """Achievable fp32 matmul GFLOP/s on this CPU: a jitted jnp.dot and torch.mm of n x n float32, best of each.
+
+  The peak is the larger of the two medians; forward passes are reported as a fraction of it. It measures what
+  the installed BLAS/Eigen/oneDNN reach on a large square GEMM, not the datasheet figure.
+  """
+  import numpy as np
+
+  flops = 2.0 * n ** 3
+  rng = np.random.default_rng(0)
+  a_np = rng.standard_normal((n, n), dtype=np.float32)
+  b_np = rng.standard_normal((n, n), dtype=np.float32)
+  out: dict[str, Any] = {"n": n, "flops": flops}
+  try:
+    import jax
+    import jax.numpy as jnp
+
+    a, b = jnp.asarray(a_np), jnp.asarray(b_np)
+    dot = jax.jit(lambda x, y: jnp.dot(x, y, precision=jax.lax.Precision.HIGHEST))
+    t = time_fn(lambda: dot(a, b), warmup=2, repeats=repeats)
+    out["jax"] = {"median_s": t["median_s"], "gflops": flops / t["median_s"] / 1e9,
+                  "best_gflops": flops / t["min_s"] / 1e9}
+  except ImportError:
+    pass
+  try:
+    import torch
+
+    if torch_threads:
+      torch.set_num_threads(torch_threads)
+    ta, tb = torch.from_numpy(a_np), torch.from_numpy(b_np)
+    with torch.inference_mode():
+      t = time_fn(lambda: torch.mm(ta, tb), warmup=2, repeats=repeats)
+    out["torch"] = {"median_s": t["median_s"], "gflops": flops / t["median_s"] / 1e9,
+                    "best_gflops": flops / t["min_s"] / 1e9}
+  except ImportError:
+    pass
+  medians = [v["gflops"] for k, v in out.items() if k in ("jax", "torch")]
+  out["peak_gflops"] = max(medians) if medians else float("nan")
+  return out
+
+
+def format_table(headers: list[str], rows: list[list[Any]]) -> str:
+  """A plain-text table with right-aligned numbers; floats printed with 3 significant decimals."""
+  def cell(v):
+    if isinstance(v, float):
+      return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+  cells = [[cell(v) for v in row] for row in rows]
+  widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+  line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+  sep = "  ".join("-" * w for w in widths)
+  body = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+  return "\n".join([line, sep, *body])
+
+
+def write_json(path: str | os.PathLike, data: dict) -> Path:
+  """Writes `data` as indented JSON, creating parent folders; returns the path."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+  return path

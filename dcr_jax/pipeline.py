@@ -1,0 +1,112 @@
+"""Pipeline plumbing shared by the stages: model + tokenizer from config, workdir files, the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import jax
+import ml_collections
+from flax import nnx
+
+from dcr_jax.errors import UserError
+from dcr_jax.model import Decoder, ModelConfig, get_variant, tiny
+from dcr_jax.weights import load_model
+from dcr_jax.weights.tokenizer import tiny_tokenizer
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "data" / "builtin"
+
+
+@dataclasses.dataclass
+class Context:
+  """What every stage gets: the resolved config, the workdir, the model and its tokenizer."""
+
+  config: ml_collections.ConfigDict
+  workdir: Path
+  model: Decoder
+  tokenizer: object
+
+
+def builtin_corpus() -> list[str]:
+  """All text of the built-in demo data (the tiny tokenizer is trained on it)."""
+  texts = []
+  for path in sorted(BUILTIN_DIR.glob("*.jsonl")):
+    for line in path.read_text(encoding="utf-8").splitlines():
+      record = json.loads(line)
+      texts += [record[k] for k in ("prompt", "response") if record.get(k)]
+  return texts
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  """The architecture named by config.model.name (`tiny-<family>` for random-init tiny models)."""
+  name = config.model.name
+  if name.startswith("tiny-"):
+    return tiny(name[len("tiny-"):], dtype=config.model.dtype, param_dtype=config.model.dtype)
+  return get_variant(name).replace(dtype=config.model.dtype, param_dtype=config.model.dtype)
+
+
+def build_model(config: ml_collections.ConfigDict, place=None) -> tuple[Decoder, object]:
+  """(model, tokenizer): random-init when config.model.random_init, else loaded from weights or the variant."""
+  if config.model.random_init:
+    cfg = model_config(config)
+    model = Decoder(cfg, rngs=nnx.Rngs(config.seed))
+    if cfg.vocab_size <= 4096:
+      return model, tiny_tokenizer(cfg.vocab_size, builtin_corpus())
+    from dcr_jax.weights import embedded_gguf_path, load_tokenizer
+    from dcr_jax.weights.sources import GGUFSource
+    return model, load_tokenizer(GGUFSource(embedded_gguf_path()), config.model.tokenizer or None)
+  spec = config.model.weights or config.model.name
+  return load_model(spec, place=place, dtype=config.model.dtype, tokenizer=config.model.tokenizer or None,
+                    progress=is_main_process())
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0
+
+
+def write_json(path: Path, data) -> None:
+  """Atomic JSON write (temp file + rename): a crash never leaves a half-written file."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  with os.fdopen(fd, "w", encoding="utf-8") as f:
+    json.dump(data, f, indent=2, default=str)
+  os.replace(tmp, path)
+
+
+def prepare_workdir(workdir: Path, config: ml_collections.ConfigDict) -> None:
+  """Creates the workdir and writes config.json; a re-run must use the same config (it resumes)."""
+  config_file = workdir / "config.json"
+  resolved = json.loads(config.to_json_best_effort())
+  if config_file.is_file():
+    previous = json.loads(config_file.read_text())
+    changed = _first_difference(previous, resolved)
+    if changed:
+      raise UserError(f"{config_file}: key {changed} differs from the run already in this workdir; "
+                      "use a new --workdir or delete it")
+  workdir.mkdir(parents=True, exist_ok=True)
+  write_json(config_file, resolved)
+
+
+def _first_difference(a, b, prefix="config") -> str | None:
+  if isinstance(a, dict) and isinstance(b, dict):
+    for key in sorted(set(a) | set(b)):
+      found = _first_difference(a.get(key), b.get(key), f"{prefix}.{key}")
+      if found:
+        return found
+    return None
+  return None if a == b else prefix
+
+
+def update_report(workdir: Path, section: str, key: str | None, value) -> dict:
+  """Merges one entry into DIR/report.json and rewrites it atomically."""
+  path = workdir / "report.json"
+  report = json.loads(path.read_text()) if path.is_file() else {}
+  if key is None:
+    report[section] = value
+  else:
+    report.setdefault(section, {})[key] = value
+  write_json(path, report)
+  return report

@@ -1,0 +1,43 @@
+"""The command line: bad input gives one line naming the problem, a non-zero exit and an untouched workdir."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_main(*args, cwd=ROOT):
+  return subprocess.run([sys.executable, "-m", "dcr_jax.main", *args], cwd=cwd, capture_output=True, text=True,
+                        timeout=600)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--config=configs/gemma.py:gemma9-1b"], "gemma9-1b"),
+    (["--config=configs/gemma.py", "--config.model.weights=/nonexistent/model.gguf"], "/nonexistent/model.gguf"),
+    (["--config=configs/tiny.py", "--config.stages=refine,bogus"], "config.stages"),
+    (["--config=configs/tiny.py", "--config.mesh.data=0"], "config.mesh.data"),
+])
+def test_bad_input_is_one_line_and_leaves_no_workdir(tmp_path, args, needle):
+  workdir = tmp_path / "run"
+  result = run_main(*args, f"--workdir={workdir}")
+  assert result.returncode != 0
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and needle in lines[0], result.stderr
+  assert not workdir.exists()
+
+
+def test_tiny_demo_writes_report_and_rerun_rejects_changed_config(tmp_path):
+  workdir = tmp_path / "run"
+  result = run_main("--config=configs/tiny.py", f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr
+  report = json.loads((workdir / "report.json").read_text())
+  assert report["model"]["name"] == "tiny-gemma3" and report["stages"]["demo"]["prompts"] == 3
+  assert len(json.loads((workdir / "demo.json").read_text())) == 3
+  before = (workdir / "config.json").read_text()
+  changed = run_main("--config=configs/tiny.py", "--config.seed=7", f"--workdir={workdir}")
+  assert changed.returncode != 0 and "config.seed" in changed.stderr.strip().splitlines()[-1]
+  assert (workdir / "config.json").read_text() == before

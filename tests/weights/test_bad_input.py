@@ -1,0 +1,68 @@
+"""Weights and tokenizer inputs that are wrong give one-line errors naming the file or tensor."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from dcr_jax.errors import UserError
+from dcr_jax.model import Decoder, tiny
+from dcr_jax.weights import export_hf, load_model, resolve_source
+from dcr_jax.weights.loader import load_params
+from dcr_jax.weights.sources import GGUFSource, SafetensorsSource
+
+
+def one_line(excinfo) -> str:
+  message = str(excinfo.value)
+  assert "\n" not in message
+  return message
+
+
+def test_missing_file():
+  with pytest.raises(UserError) as e:
+    resolve_source("/nowhere/model.gguf")
+  assert "/nowhere/model.gguf" in one_line(e)
+
+
+def test_unknown_variant():
+  with pytest.raises(UserError) as e:
+    load_model("gemma5-3b")
+  assert "gemma5-3b" in one_line(e) and "gemma3-270m" in one_line(e)
+
+
+def test_gguf_of_another_architecture(tmp_path):
+  import gguf
+
+  path = tmp_path / "llama.gguf"
+  writer = gguf.GGUFWriter(str(path), "llama")
+  writer.add_block_count(1)
+  writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  with pytest.raises(UserError) as e:
+    resolve_source(str(path))
+  assert "llama.gguf" in one_line(e) and "'llama'" in one_line(e)
+
+
+def test_not_a_gguf(tmp_path):
+  path = tmp_path / "junk.gguf"
+  path.write_bytes(b"not a gguf at all")
+  with pytest.raises(UserError) as e:
+    GGUFSource(path)
+  assert "junk.gguf" in one_line(e)
+
+
+def test_tensor_with_wrong_shape(tmp_path):
+  export_hf(Decoder(tiny("gemma3"), rngs=nnx.Rngs(0)), tmp_path)
+  wider = tiny("gemma3", mlp_dim=256)
+  with pytest.raises(UserError) as e:
+    load_params(wider, SafetensorsSource(tmp_path), progress=False)
+  message = one_line(e)
+  assert "model.layers.0.mlp.gate_proj.weight" in message and "(128, 64)" in message and "(256, 64)" in message
+
+
+def test_directory_without_config(tmp_path):
+  with pytest.raises(UserError) as e:
+    resolve_source(str(tmp_path))
+  assert "config.json" in one_line(e)
