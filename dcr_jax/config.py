@@ -6,13 +6,13 @@ import ml_collections
 
 from dcr_jax.errors import UserError
 
-KNOWN_STAGES = ("demo", "refine", "align", "evaluate")
+KNOWN_STAGES = ("demo", "refine", "align")
 
 
 def base_config() -> ml_collections.ConfigDict:
   """Every key the pipeline reads, with defaults; configs/*.py start from this and override."""
   c = ml_collections.ConfigDict()
-  c.stages = "demo"
+  c.stages = "refine,align"
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
@@ -27,6 +27,63 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   c.mesh.constrain_activations = False
+
+  c.data = ml_collections.ConfigDict()
+  # Each is a comma-separated list of `builtin:NAME`, local files or `hf:ID[:CONFIG][:SPLIT]` (see README).
+  c.data.toxic = "builtin:toxic"  # stage 1 toxic class
+  c.data.seemingly_toxic = "builtin:seemingly_toxic"  # stage 1 seemingly toxic class
+  c.data.benign_class = ""  # optional third stage-1 class
+  c.data.general = "builtin:benign"  # stage 2 instruction -> response
+  c.data.harmful = "builtin:toxic"  # stage 2 harmful prompts, paired with refusals
+  c.data.refusals = "builtin:refusals"  # refusal texts for harmful prompts that carry none
+  c.data.helpful_seemingly = "builtin:seemingly_toxic"  # STL-aug: seemingly toxic -> helpful answer
+  c.data.n_toxic = 0  # 0 = all; else a seeded subsample
+  c.data.n_seemingly_toxic = 0
+  c.data.n_general = 0
+  c.data.n_harmful = 0
+
+  c.refine = ml_collections.ConfigDict()
+  c.refine.layer = "middle"  # "middle", "9" or a list "6,9"; ℓ counts blocks from the embedding (ℓ = 0)
+  c.refine.pooling = "last"  # last prompt token (emits the first response token) | mean
+  c.refine.loss = "circle"  # circle | supcon | infonce | triplet
+  c.refine.margin = 0.25
+  c.refine.gamma = 64.0
+  c.refine.temperature = 0.1
+  c.refine.steps = 40
+  c.refine.batch_size = 16
+  c.refine.class_ratio = "1,1"  # toxic, seemingly_toxic[, benign]
+  c.refine.max_len = 64
+  c.refine.lr = 2e-5
+  c.refine.warmup = 4
+  c.refine.weight_decay = 0.0
+  c.refine.clip = 1.0
+  c.refine.lm_weight = 0.0  # λ of the optional LM-retention term on data.general
+  c.refine.lm_batch_size = 4
+  c.refine.holdout = 0.2  # fraction held out for the linear probe
+  c.refine.probe = True
+  c.refine.log_every = 5
+
+  c.align = ml_collections.ConfigDict()
+  c.align.steps = 30
+  c.align.batch_size = 8
+  c.align.grad_accum = 1
+  c.align.max_len = 128
+  c.align.pack = True
+  c.align.lora_rank = 8  # 0 = full fine-tuning
+  c.align.lora_alpha = 16.0
+  c.align.lora_targets = "q,k,v,o,gate,up,down"
+  c.align.lr = 2e-4
+  c.align.warmup = 3
+  c.align.weight_decay = 0.0
+  c.align.clip = 1.0
+  c.align.general_weight = 0.9
+  c.align.safety_weight = 0.1
+  c.align.aug_weight = 0.0  # > 0: the STL-aug baseline (seemingly toxic -> helpful pairs)
+  c.align.log_every = 5
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 10
+  c.checkpoint.keep = 2
 
   c.demo = ml_collections.ConfigDict()
   c.demo.prompts = ("How do I kill a Python process?", "What is the capital of France?",
@@ -54,3 +111,13 @@ def validate(config: ml_collections.ConfigDict) -> list[str]:
   if config.model.dtype not in ("float32", "bfloat16"):
     raise UserError(f"config.model.dtype={config.model.dtype!r}; choose float32 or bfloat16")
   return stages
+
+
+def check_batches(config: ml_collections.ConfigDict, stages: list[str], mesh) -> None:
+  """Each stage's batch must split evenly over the data x fsdp devices."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  for stage, key in (("refine", "batch_size"), ("align", "batch_size")):
+    size = config[stage][key] // (config.align.grad_accum if stage == "align" else 1)
+    if stage in stages and size % shards:
+      raise UserError(f"config.{stage}.{key}={config[stage][key]} (per microbatch {size}) is not divisible by "
+                      f"data*fsdp = {shards} devices; use a multiple of {shards}")

@@ -9,7 +9,12 @@ from dcr_jax.pipeline import Context, write_json
 from dcr_jax.weights import encode_chat, stop_token_ids
 
 
-def run_demo(ctx: Context) -> dict:
+def prepare_demo(config, tokenizer, model_config) -> dict:
+  """Nothing to load: the prompts live in the config."""
+  return {}
+
+
+def run_demo(ctx: Context, prepared: dict) -> dict:
   """Writes DIR/demo.json with one greedy completion per config.demo.prompts entry."""
   start = time.time()
   prompts = list(ctx.config.demo.prompts)

@@ -16,21 +16,29 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, checkpoi
 
 
 def run(config, workdir: Path) -> dict:
-  """Runs config.stages in order and returns the report."""
+  """Runs config.stages in order and returns the report. Everything that can fail on bad input is checked before
+  the workdir is touched."""
   from dcr_jax import config as config_lib
-  from dcr_jax import pipeline
+  from dcr_jax import parallel, pipeline
+  from dcr_jax.train.loop import MetricsWriter
 
   stages = config_lib.validate(config)
-  model, tokenizer = pipeline.build_model(config)
+  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  config_lib.check_batches(config, stages, mesh)
+  model, tokenizer = pipeline.build_model(config, mesh)
+  if config.mesh.constrain_activations:
+    model.constrain_activations = parallel.activation_constraint(mesh)
+  prepared = {stage: _STAGES[stage][0]()(config, tokenizer, model.config) for stage in stages}
   pipeline.prepare_workdir(workdir, config)
-  ctx = pipeline.Context(config=config, workdir=workdir, model=model, tokenizer=tokenizer)
-  report = pipeline.update_report(workdir, "model", None, {"name": config.model.name,
-                                                          "weights": "random-init" if config.model.random_init else (config.model.weights or "embedded"),
+  ctx = pipeline.Context(config=config, workdir=workdir, model=model, tokenizer=tokenizer, mesh=mesh,
+                         writer=MetricsWriter(workdir, enabled=pipeline.is_main_process()))
+  weights = "random-init" if config.model.random_init else (config.model.weights or "embedded")
+  report = pipeline.update_report(workdir, "model", None, {"name": config.model.name, "weights": weights,
                                                           "params": _count_params(model)})
   for stage in stages:
     started = time.time()
-    summary = _STAGE_RUNNERS[stage]()(ctx)
-    summary.setdefault("seconds", round(time.time() - started, 2))
+    summary = _STAGES[stage][1]()(ctx, prepared[stage])
+    summary["seconds"] = round(time.time() - started, 2)
     report = pipeline.update_report(workdir, "stages", stage, summary)
   return report
 
@@ -42,12 +50,27 @@ def _count_params(model) -> int:
   return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
+def _refine():
+  from dcr_jax.train import refine
+  return refine.prepare_refine, refine.run_refine
+
+
+def _align():
+  from dcr_jax.train import align
+  return align.prepare_align, align.run_align
+
+
 def _demo():
-  from dcr_jax.demo import run_demo
-  return run_demo
+  from dcr_jax import demo
+  return demo.prepare_demo, demo.run_demo
 
 
-_STAGE_RUNNERS = {"demo": _demo}
+# stage -> (lazy prepare(config, tokenizer, model_config), lazy run(ctx, prepared))
+_STAGES = {
+    "demo": (lambda: _demo()[0], lambda: _demo()[1]),
+    "refine": (lambda: _refine()[0], lambda: _refine()[1]),
+    "align": (lambda: _align()[0], lambda: _align()[1]),
+}
 
 
 def main(argv):

@@ -28,6 +28,8 @@ class Context:
   workdir: Path
   model: Decoder
   tokenizer: object
+  mesh: jax.sharding.Mesh
+  writer: object  # train.loop.MetricsWriter
 
 
 def builtin_corpus() -> list[str]:
@@ -48,8 +50,12 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   return get_variant(name).replace(dtype=config.model.dtype, param_dtype=config.model.dtype)
 
 
-def build_model(config: ml_collections.ConfigDict, place=None) -> tuple[Decoder, object]:
-  """(model, tokenizer): random-init when config.model.random_init, else loaded from weights or the variant."""
+def build_model(config: ml_collections.ConfigDict, mesh=None) -> tuple[Decoder, object]:
+  """(model, tokenizer): random-init when config.model.random_init, else loaded from weights or the variant,
+  each tensor placed straight onto its sharding over `mesh`."""
+  from dcr_jax import parallel
+
+  place = None if mesh is None else parallel.placement(mesh)
   if config.model.random_init:
     cfg = model_config(config)
     model = Decoder(cfg, rngs=nnx.Rngs(config.seed))

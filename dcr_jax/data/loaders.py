@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from dcr_jax.errors import UserError
+
 LABELS = ("toxic", "seemingly_toxic", "benign")
 HF_PREFIX = "hf:"
 _EXTENSIONS = (".csv", ".json", ".jsonl")
@@ -32,7 +34,7 @@ _EXTENSIONS = (".csv", ".json", ".jsonl")
 Row = Mapping[str, Any]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """A prompt set could not be read; the message is one line naming the file and the fix."""
 
   def __init__(self, where: str, what: str):

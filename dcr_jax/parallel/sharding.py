@@ -181,12 +181,19 @@ def activation_constraint(mesh: Mesh) -> Callable[[jax.Array], jax.Array]:
 
 
 def local_batch_to_global(batch, mesh: Mesh):
-  """A batch (array or pytree) holding this process's rows [B_local ...] -> global arrays [B_local * processes ...]
-  split over ('data', 'fsdp'); with one process the rows are simply sharded over the local devices."""
+  """A batch (array or pytree) of this process's rows [B_local ...] -> global arrays split over ('data', 'fsdp') on B.
+
+  JAX infers the global batch from the mesh (B_local times the processes holding distinct rows); with one process
+  the rows are simply sharded over the local devices.
+  """
 
   def to_global(x):
     x = np.asarray(x)
-    global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
-    return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim, global_shape), x, global_shape)
+    try:
+      return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+    except ValueError as e:
+      split = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+      raise UserError(f"batch of {x.shape[0]} rows per process does not split over data*fsdp = {split} mesh "
+                      f"shards; make the batch size a multiple of {split} ({type(e).__name__})") from None
 
   return jax.tree.map(to_global, batch)

@@ -19,8 +19,8 @@ from dcr_jax.weights import hf_config
 from dcr_jax.weights.sources import GGUFSource, SafetensorsSource
 from dcr_jax.weights.tables import LINEAR, NORM, weight_table
 
-# (path, logical axes) -> where the tensor goes; None puts it on the default device
-Placement = Callable[[tuple, tuple], jax.sharding.Sharding] | None
+# place(path, logical_axes, shape=...) -> where the tensor goes; None puts it on the default device
+Placement = Callable[..., jax.sharding.Sharding] | None
 
 
 def abstract_model(cfg: ModelConfig) -> Decoder:
@@ -53,7 +53,7 @@ def load_params(cfg: ModelConfig, source: GGUFSource | SafetensorsSource, *, pla
       wanted = tuple(expected.shape)[::-1] if entry.kind == LINEAR else tuple(expected.shape)
       raise UserError(f"{source.path}: tensor {name!r} has shape {tuple(raw.shape)}, expected {wanted} "
                       "for this config")
-    target = place(entry.path, variables[entry.path].logical_axes) if place else None
+    target = place(entry.path, variables[entry.path].logical_axes, shape=expected.shape) if place else None
     flat[entry.path] = jax.device_put(value.astype(expected.dtype), target)
   missing = [p for p, v in flat.items() if isinstance(v, jax.ShapeDtypeStruct)]
   if missing:

@@ -44,10 +44,10 @@ def test_in_8_device_subprocess():
   """Runs this module with 8 fake devices (JAX was started by an earlier module with fewer)."""
   env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FLAG}".strip(), CHILD: "1"}
   root = Path(__file__).resolve().parents[2]
-  proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"], cwd=root,
+  proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-rs", "-p", "no:cacheprovider"], cwd=root,
                         env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-  assert " passed" in proc.stdout and "skipped" not in proc.stdout.split("\n")[-2], proc.stdout[-3000:]
+  assert " passed" in proc.stdout and "8-device child" not in proc.stdout, proc.stdout[-3000:]
 
 
 def test_child_has_eight_devices():
@@ -146,13 +146,17 @@ def test_optimizer_state_follows_params():
     shardings = state_shardings(train_state, mesh)
     adam = shardings["opt_state"][0]
     assert adam.count.spec == P() and shardings["step"].spec == P()
-    for moments in (adam.mu, adam.nu):
-      got = {tuple(p): getattr(s, "get_value", lambda: s)().spec
-             for p, s in jax.tree_util.tree_flatten_with_path(moments, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]}
-      got = {tuple(getattr(k, "key", k) for k in p): s for p, s in got.items()}
-      assert got == expected
+    assert specs_by_path(adam.mu) == expected and specs_by_path(adam.nu) == expected
     placed = shard_pytree(train_state, shardings)
-    assert jax.tree.leaves(placed["opt_state"][0].mu)[1].sharding.spec == jax.tree.leaves(adam.mu)[1].spec
+    for x, sharding in zip(jax.tree.leaves(placed), jax.tree.leaves(shardings), strict=True):
+      assert x.sharding == sharding
+
+
+def specs_by_path(tree):
+  """{param path: PartitionSpec} of a tree of shardings, bare or held in Variables."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+  return {tuple(k.key for k in path): (s.get_value() if isinstance(s, nnx.Variable) else s).spec
+          for path, s in leaves}
 
 
 @eight_devices
@@ -201,3 +205,5 @@ def test_local_batch_to_global_single_process():
   assert out["tokens"].shape == (8, 4) and out["tokens"].sharding.spec == P(("data", "fsdp"), None)
   assert len(out["tokens"].addressable_shards) == 8
   np.testing.assert_array_equal(np.asarray(out["tokens"]), batch["tokens"])
+  with pytest.raises(UserError, match="multiple of 4"):
+    local_batch_to_global(np.zeros((6, 4)), mesh)

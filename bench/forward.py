@@ -1,0 +1,251 @@
+"""Forward-pass speed of dcr_jax against transformers on CPU, gemma-3-270m, both in float32.
+
+Measures in one run, on the same random tokens [batch, seq]:
+  (a) logits at every position: our jitted forward vs the transformers forward;
+  (b) prefill with logits at the last position only (what generation needs): ours with `logits_index` vs
+      transformers with `logits_to_keep=1`, and vs the transformers full-logits forward.
+The four cases are timed interleaved (one call of each per round, order rotated each round), so that load from
+other processes hits all of them alike; the ratio reported is median(torch) / median(ours), with the median of the
+per-round ratios next to it. FLOPs come from XLA's cost analysis of our compiled forward (cross-checked against an
+analytic count) and the same count is used for torch; the fraction of peak is against this CPU's measured fp32
+matmul peak (the better of a jitted jnp.dot and torch.mm of 2048x2048, before and after the runs).
+
+    .venv/bin/python bench/forward.py [--batch 8] [--seq 128] [--repeats 5] [--out bench/results/forward.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (format_table, load_average, machine_info, matmul_peak, peak_rss_mib,  # noqa: E402
+                    write_json)
+
+CASES = ("ours_full", "torch_full", "ours_last", "torch_last")
+LABELS = {
+    "ours_full": "dcr_jax   logits [B,T,V]",
+    "torch_full": "HF        logits [B,T,V]",
+    "ours_last": "dcr_jax   logits_index=T-1",
+    "torch_last": "HF        logits_to_keep=1",
+}
+
+
+def analytic_flops(cfg, batch: int, seq: int, last_only: bool) -> dict[str, float]:
+  """Matmul FLOPs of one forward: 2 * weights * tokens for projections, full (unmasked) T x T attention, head."""
+  d, f, n, k, h = cfg.embed_dim, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  tokens = batch * seq
+  per_layer_weights = d * n * h + 2 * d * k * h + n * h * d + 3 * d * f
+  projections = 2.0 * per_layer_weights * cfg.num_layers * tokens
+  attention = 2.0 * 2 * batch * n * seq * seq * h * cfg.num_layers  # q.k^T and p.v, every (t, s) pair
+  head = 2.0 * d * cfg.vocab_size * (batch if last_only else tokens)
+  return {"projections": projections, "attention": attention, "head": head,
+          "total": projections + attention + head}
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", default="gemma3-270m")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--seq", type=int, default=128)
+  p.add_argument("--repeats", type=int, default=5, help="timed rounds (each times every case once)")
+  p.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
+  p.add_argument("--matmul-n", type=int, default=2048)
+  p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads (XLA uses all cores)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "forward.json"))
+  args = p.parse_args(argv)
+  t_start = time.perf_counter()
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+  from flax import nnx
+
+  torch.set_num_threads(args.threads)
+  info = machine_info()
+  print(f"# {info['cpu']} x{info['cpu_count']} | jax {info['versions']['jax']} | torch {info['versions']['torch']} "
+        f"({torch.get_num_threads()} threads) | transformers {info['versions']['transformers']} | "
+        f"load {info['load_average_at_start']}", flush=True)
+
+  peaks = [matmul_peak(args.matmul_n, repeats=8, torch_threads=args.threads)]
+  print(f"# fp32 matmul {args.matmul_n}^2: jax {peaks[0]['jax']['gflops']:.1f}, torch {peaks[0]['torch']['gflops']:.1f}"
+        " GFLOP/s", flush=True)
+  rss = {"after_matmul_peak": peak_rss_mib()}
+
+  # --- ours -------------------------------------------------------------------------------------------------
+  import dcr_jax.weights
+  from dcr_jax import load_model
+
+  t0 = time.perf_counter()
+  model, _ = load_model(args.model, progress=False)
+  load_ours_s = time.perf_counter() - t0
+  cfg = model.config
+  graphdef, state = nnx.split(model)
+  del model
+  b, t = args.batch, args.seq
+  tokens_np = np.random.default_rng(args.seed).integers(0, cfg.vocab_size, (b, t), dtype=np.int64)
+  tokens = jnp.asarray(tokens_np, jnp.int32)
+  last = jnp.full((b,), t - 1, jnp.int32)
+
+  full_fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+  last_fn = jax.jit(lambda s, x, i: nnx.merge(graphdef, s)(x, logits_index=i))
+  t0 = time.perf_counter()
+  full_c = full_fn.lower(state, tokens).compile()
+  last_c = last_fn.lower(state, tokens, last).compile()
+  compile_s = time.perf_counter() - t0
+
+  def xla_flops(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+  flops = {
+      "full": {"xla": xla_flops(full_c), "analytic": analytic_flops(cfg, b, t, last_only=False)},
+      "last": {"xla": xla_flops(last_c), "analytic": analytic_flops(cfg, b, t, last_only=True)},
+  }
+  for v in flops.values():
+    v["used"] = v["xla"] or v["analytic"]["total"]
+  rss["after_ours_load_compile"] = peak_rss_mib()
+
+  # --- transformers -------------------------------------------------------------------------------------------
+  from transformers import AutoModelForCausalLM
+  from transformers.utils import logging as hf_logging
+
+  hf_logging.set_verbosity_error()
+  hf_logging.disable_progress_bar()
+  path = dcr_jax.weights.embedded_gguf_path()
+  t0 = time.perf_counter()
+  hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+  load_torch_s = time.perf_counter() - t0
+  rss["after_torch_load"] = peak_rss_mib()
+  tokens_pt = torch.from_numpy(tokens_np)
+
+  calls = {
+      "ours_full": lambda: jax.block_until_ready(full_c(state, tokens)),
+      "ours_last": lambda: jax.block_until_ready(last_c(state, tokens, last)),
+      "torch_full": lambda: hf(tokens_pt).logits,
+      "torch_last": lambda: hf(tokens_pt, logits_to_keep=1).logits,
+  }
+
+  # --- agreement (first warm-up round), then interleaved timing -------------------------------------------------
+  times = {c: [] for c in CASES}
+  agreement = {}
+  with torch.inference_mode():
+    for r in range(args.warmup + args.repeats):
+      order = CASES[r % len(CASES):] + CASES[:r % len(CASES)]
+      results = {}
+      for case in order:
+        t0 = time.perf_counter()
+        out = calls[case]()
+        dt = time.perf_counter() - t0
+        if r >= args.warmup:
+          times[case].append(dt)
+        elif r == 0:
+          results[case] = np.asarray(out, np.float32).reshape(b, -1, cfg.vocab_size)[:, -1]
+        del out
+      if r == 0:
+        ref = results["torch_full"]
+        agreement = {case: float(np.max(np.abs(results[case] - ref))) for case in CASES if case != "torch_full"}
+        agreement["top1_match_ours_vs_torch"] = float(np.mean(results["ours_full"].argmax(-1) == ref.argmax(-1)))
+        del results, ref
+      print(f"# round {r + 1}/{args.warmup + args.repeats}{' (warm-up)' if r < args.warmup else ''}: "
+            + ", ".join(f"{c} {times[c][-1]:.2f}s" for c in CASES if r >= args.warmup), flush=True)
+  rss["end"] = peak_rss_mib()
+
+  peaks.append(matmul_peak(args.matmul_n, repeats=8, torch_threads=args.threads))
+  peak_gflops = max(pk["peak_gflops"] for pk in peaks)
+
+  # --- summary -----------------------------------------------------------------------------------------------
+  results = {}
+  for case in CASES:
+    med = statistics.median(times[case])
+    fl = flops["full" if case.endswith("full") else "last"]["used"]
+    results[case] = {"median_s": med, "min_s": min(times[case]), "max_s": max(times[case]),
+                     "times_s": [round(x, 4) for x in times[case]], "flops": fl, "gflops": fl / med / 1e9,
+                     "fraction_of_peak": fl / med / 1e9 / peak_gflops,
+                     "tokens_per_s": b * t / med}
+
+  def ratio(num: str, den: str) -> dict:
+    per_round = [a / c for a, c in zip(times[num], times[den])]
+    return {"ratio_of_medians": results[num]["median_s"] / results[den]["median_s"],
+            "median_of_round_ratios": statistics.median(per_round),
+            "round_ratios": [round(x, 3) for x in per_round]}
+
+  ratios = {
+      "a_full_logits__torch_full_over_ours_full": ratio("torch_full", "ours_full"),
+      "b_prefill__torch_full_over_ours_last": ratio("torch_full", "ours_last"),
+      "b_prefill__torch_last_over_ours_last": ratio("torch_last", "ours_last"),
+  }
+  goals = {
+      "a_full_logits_ratio_ge_1": ratios["a_full_logits__torch_full_over_ours_full"]["ratio_of_medians"] >= 1.0,
+      "b_prefill_vs_hf_full_ratio_ge_2": ratios["b_prefill__torch_full_over_ours_last"]["ratio_of_medians"] >= 2.0,
+  }
+  load_end = load_average()
+
+  print()
+  print(f"gemma-3-270m ({args.model}), float32, batch {b} x seq {t} random tokens, {args.repeats} interleaved rounds "
+        f"(+{args.warmup} warm-up); torch {args.threads} threads, attn={hf.config._attn_implementation}")
+  print(f"fp32 matmul peak {peak_gflops:.1f} GFLOP/s (jax dot / torch.mm {args.matmul_n}^2, best median of "
+        f"{len(peaks)} probes); load avg start {info['load_average_at_start']} end {load_end} on "
+        f"{info['cpu_count']} cores")
+  print(f"FLOPs/forward (XLA cost analysis; analytic): full {flops['full']['used'] / 1e9:.1f} G "
+        f"({flops['full']['analytic']['total'] / 1e9:.1f} G, of which head "
+        f"{flops['full']['analytic']['head'] / 1e9:.1f} G), last-only {flops['last']['used'] / 1e9:.1f} G "
+        f"({flops['last']['analytic']['total'] / 1e9:.1f} G)")
+  print()
+  print(format_table(
+      ["case", "median s", "min s", "max s", "GFLOP/s", "% peak", "tok/s"],
+      [[LABELS[c], results[c]["median_s"], results[c]["min_s"], results[c]["max_s"], results[c]["gflops"],
+        100 * results[c]["fraction_of_peak"], results[c]["tokens_per_s"]] for c in CASES]))
+  print()
+  print(format_table(
+      ["ratio (torch time / our time)", "of medians", "median per round", "goal"],
+      [["(a) full logits: HF full / ours full", ratios["a_full_logits__torch_full_over_ours_full"]["ratio_of_medians"],
+        ratios["a_full_logits__torch_full_over_ours_full"]["median_of_round_ratios"], ">= 1.0"],
+       ["(b) prefill: HF full / ours last", ratios["b_prefill__torch_full_over_ours_last"]["ratio_of_medians"],
+        ratios["b_prefill__torch_full_over_ours_last"]["median_of_round_ratios"], ">= 2.0"],
+       ["(b) prefill: HF logits_to_keep=1 / ours last",
+        ratios["b_prefill__torch_last_over_ours_last"]["ratio_of_medians"],
+        ratios["b_prefill__torch_last_over_ours_last"]["median_of_round_ratios"], "(info)"]]))
+  print()
+  print("max |logit diff| at last position vs HF full: "
+        + ", ".join(f"{k} {v:.3g}" for k, v in agreement.items() if k != "top1_match_ours_vs_torch")
+        + f"; top-1 agreement {100 * agreement['top1_match_ours_vs_torch']:.0f}%")
+  print(f"load: ours {load_ours_s:.1f}s + compile {compile_s:.1f}s, HF {load_torch_s:.1f}s; peak RSS (cumulative) "
+        + ", ".join(f"{k} {v:.0f} MiB" for k, v in rss.items()))
+  total_s = time.perf_counter() - t_start
+  print(f"goals: (a) >= 1.0: {'MET' if goals['a_full_logits_ratio_ge_1'] else 'NOT MET'}; "
+        f"(b) >= 2.0 vs HF full: {'MET' if goals['b_prefill_vs_hf_full_ratio_ge_2'] else 'NOT MET'}; "
+        f"bench took {total_s:.0f}s")
+
+  report = {
+      "bench": "forward",
+      "config": {"model": args.model, "batch": b, "seq": t, "repeats": args.repeats, "warmup": args.warmup,
+                 "dtype": "float32", "torch_threads": args.threads, "seed": args.seed,
+                 "hf_attn_implementation": hf.config._attn_implementation},
+      "machine": info,
+      "load_average_end": load_end,
+      "matmul_peak": {"peak_gflops": peak_gflops, "probes": peaks},
+      "flops": flops,
+      "results": results,
+      "ratios": ratios,
+      "goals": goals,
+      "agreement_max_abs_diff_last_position_vs_torch_full": agreement,
+      "setup_s": {"load_ours": load_ours_s, "compile_ours": compile_s, "load_torch": load_torch_s},
+      "peak_rss_mib": rss,
+      "total_s": total_s,
+  }
+  out = write_json(args.out, report)
+  print(f"wrote {out}")
+  return report
+
+
+if __name__ == "__main__":
+  main()

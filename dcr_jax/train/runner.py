@@ -1,0 +1,59 @@
+"""What both training stages share: state on the mesh, compile once, resume, loop, hand the model on."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+from flax import nnx
+
+from dcr_jax import parallel
+from dcr_jax.train.loop import checkpoint_manager, restore_latest, train_loop
+from dcr_jax.train.state import create_state
+from dcr_jax.train.steps import compile_step
+
+
+class StageRun:
+  """One training stage of the pipeline: builds the sharded TrainState, restores the latest checkpoint, trains."""
+
+  def __init__(self, ctx, name: str, trainable, optimizer):
+    self.ctx, self.name = ctx, name
+    self.graphdef, state = create_state(ctx.model, trainable, optimizer, ctx.config.seed)
+    self.shardings = parallel.state_shardings(state, ctx.mesh)
+    self.state = parallel.shard_pytree(state, self.shardings)
+    ck = ctx.config.checkpoint
+    self.manager = checkpoint_manager(ctx.workdir / "checkpoints" / name, keep=ck.keep)
+    self.state = restore_latest(self.manager, self.state, self.shardings)
+    self.save_every = ck.every
+
+  def train(self, step, batch_fn, *, steps: int, log_every: int) -> dict:
+    """Compiles `step` once for this stage's shardings, runs the loop, and updates ctx.model in place."""
+    mesh = self.ctx.mesh
+    example = batch_fn(int(jax.device_get(self.state.step)) if steps else 0)
+    batch_shardings = {k: parallel.batch_sharding(mesh, np.ndim(v)) for k, v in example.items()}
+    compiled = compile_step(step, self.shardings, batch_shardings)
+
+    def placed_batch(i):
+      return parallel.local_batch_to_global(batch_fn(i), mesh)
+
+    state, summary = train_loop(stage=self.name, step_fn=compiled, state=self.state, batch_fn=placed_batch,
+                                num_steps=steps, manager=self.manager, save_every=self.save_every,
+                                log_every=log_every, writer=self.ctx.writer, show_progress=jax.process_index() == 0)
+    self.state = state
+    nnx.update(self.ctx.model, state.params, state.frozen)
+    if summary["final_loss"] is None:  # the stage had already finished: report its last logged loss
+      summary["final_loss"] = last_logged(self.ctx.workdir / "metrics.jsonl", self.name, "loss")
+    return summary
+
+
+def last_logged(path, stage: str, key: str):
+  """The last value of `key` logged for `stage` in metrics.jsonl, or None."""
+  if not path.is_file():
+    return None
+  value = None
+  for line in path.read_text().splitlines():
+    row = json.loads(line)
+    if row.get("stage") == stage and key in row:
+      value = row[key]
+  return value

@@ -1,0 +1,69 @@
+"""TrainState: one pytree holding the step, the trained params, the frozen params, optimizer state and rng."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from dcr_jax.model import Decoder
+from dcr_jax.model.layers import LoRAParam
+
+
+class TrainState(struct.PyTreeNode):
+  """Frozen params ride along untouched (bitwise unchanged by construction); the optimizer sees only `params`."""
+
+  step: jax.Array  # int32 []
+  params: nnx.State  # trained
+  frozen: nnx.State  # not trained
+  opt_state: optax.OptState
+  rng: jax.Array  # uint32 [2]
+
+
+def layers_up_to(layer: int) -> Callable:
+  """Filter for stage 1: the embedding and the blocks below `layer` (those that compute the residual at ℓ)."""
+
+  def keep(path, variable) -> bool:
+    if not isinstance(variable, nnx.Param):
+      return False
+    return path[0] == "embedding" or (path[0] == "layers" and int(path[1]) < layer)
+
+  return keep
+
+
+def trainable_filter(kind: str, layer: int | None = None):
+  """`refine` (layers ≤ ℓ + embedding), `lora` (adapters only) or `full` (every parameter)."""
+  if kind == "refine":
+    return layers_up_to(layer)
+  if kind == "lora":
+    return LoRAParam
+  return nnx.Param
+
+
+def create_state(model: Decoder, trainable, optimizer: optax.GradientTransformation,
+                 seed: int) -> tuple[nnx.GraphDef, TrainState]:
+  """(graphdef, state) for the model split into trained and frozen parts."""
+  graphdef, params, frozen = nnx.split(model, trainable, ...)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
+                     opt_state=optimizer.init(params), rng=jax.random.key_data(jax.random.key(seed)))
+  return graphdef, state
+
+
+def merge(graphdef: nnx.GraphDef, state: TrainState) -> Decoder:
+  """The model the state describes (use inside jit)."""
+  return nnx.merge(graphdef, state.params, state.frozen)
+
+
+def make_optimizer(*, lr: float, steps: int, warmup: int, weight_decay: float, clip: float,
+                   schedule: str = "cosine") -> optax.GradientTransformation:
+  """AdamW with linear warmup then cosine decay (or constant), and global-norm clipping."""
+  warmup = min(warmup, max(steps - 1, 0))
+  if schedule == "cosine":
+    lr_fn = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1), end_value=lr * 0.1)
+  else:
+    lr_fn = optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)],
+                                 [max(warmup, 1)])
+  return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(lr_fn, weight_decay=weight_decay))
