@@ -32,12 +32,12 @@ def test_bad_input_is_one_line_and_leaves_no_workdir(tmp_path, args, needle):
 
 def test_tiny_demo_writes_report_and_rerun_rejects_changed_config(tmp_path):
   workdir = tmp_path / "run"
-  result = run_main("--config=configs/tiny.py", f"--workdir={workdir}")
+  result = run_main("--config=configs/tiny.py", "--config.stages=demo", f"--workdir={workdir}")
   assert result.returncode == 0, result.stderr
   report = json.loads((workdir / "report.json").read_text())
   assert report["model"]["name"] == "tiny-gemma3" and report["stages"]["demo"]["prompts"] == 3
   assert len(json.loads((workdir / "demo.json").read_text())) == 3
   before = (workdir / "config.json").read_text()
-  changed = run_main("--config=configs/tiny.py", "--config.seed=7", f"--workdir={workdir}")
+  changed = run_main("--config=configs/tiny.py", "--config.stages=demo", "--config.seed=7", f"--workdir={workdir}")
   assert changed.returncode != 0 and "config.seed" in changed.stderr.strip().splitlines()[-1]
   assert (workdir / "config.json").read_text() == before

@@ -18,7 +18,7 @@ def _targets(model: nnx.Module, targets):
   if unknown:
     raise UserError(f"align.lora_targets: unknown {sorted(unknown)}; choose among {', '.join(TARGETS)}")
   wanted = {TARGETS[t] for t in targets}
-  for path, module in model.iter_modules():
+  for path, module in nnx.iter_modules(model):
     if isinstance(module, Dense) and path and path[-1] in wanted:
       yield path, module
 

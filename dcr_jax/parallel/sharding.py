@@ -78,10 +78,10 @@ def _shapes_by_path(shapes) -> dict[tuple, tuple[int, ...]]:
 
 def placement(mesh: Mesh, shapes=None, rules: Mapping[str | None, MeshAxes] = LOGICAL_RULES
               ) -> Callable[..., NamedSharding]:
-  """`place(path, axes, shape=None) -> NamedSharding` for `load_params(..., place=...)`.
+  """`place(path, axes, shape=None) -> NamedSharding` for `load_params(..., place=placement(mesh))`.
 
-  `shapes` gives each path's shape (a Module, e.g. `weights.abstract_model(cfg)`, an nnx State, or a mapping
-  path -> shape) so that non-divisible dimensions stay replicated; a `shape` passed to `place` takes precedence.
+  The shape decides which mesh axes divide each dimension. `load_params` passes it; for callers that do not,
+  `shapes` maps paths to shapes (a Module such as `weights.abstract_model(cfg)`, an nnx State, or path -> shape).
   """
   table = {} if shapes is None else _shapes_by_path(shapes)
 

@@ -27,7 +27,7 @@ def pool(hidden: jax.Array, mask: jax.Array, how: str) -> jax.Array:
 def _apply(optimizer, state: TrainState, grads, loss, metrics):
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+  metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

@@ -4,16 +4,7 @@ Needs 8 devices, so XLA_FLAGS is set before JAX starts. In a pytest process wher
 another module (1 device), `test_in_8_device_subprocess` reruns this file in a child process with the flag set.
 """
 
-import os
-import sys
-
-FLAG = "--xla_force_host_platform_device_count=8"
-CHILD = "DCR_SHARDING_TEST_CHILD"
-if "jax" not in sys.modules and FLAG not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FLAG}".strip()
-
-import subprocess  # noqa: E402
-from pathlib import Path  # noqa: E402
+from multidevice import EIGHT, IN_CHILD, rerun_in_child  # sets XLA_FLAGS before jax starts
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -31,7 +22,6 @@ from dcr_jax.parallel import (  # noqa: E402
 from dcr_jax.weights import abstract_model, export_hf, load_params  # noqa: E402
 from dcr_jax.weights.sources import SafetensorsSource  # noqa: E402
 
-EIGHT = jax.device_count() == 8
 eight_devices = pytest.mark.skipif(not EIGHT, reason="runs in the 8-device child (test_in_8_device_subprocess)")
 
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2)]
@@ -39,20 +29,15 @@ MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2)]
 CONFIG = tiny("gemma3", vocab_size=500, num_kv_heads=1)
 
 
-@pytest.mark.skipif(EIGHT or os.environ.get(CHILD) == "1", reason="this process already has 8 devices")
+@pytest.mark.skipif(EIGHT or IN_CHILD, reason="this process already has 8 devices")
 def test_in_8_device_subprocess():
   """Runs this module with 8 fake devices (JAX was started by an earlier module with fewer)."""
-  env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FLAG}".strip(), CHILD: "1"}
-  root = Path(__file__).resolve().parents[2]
-  proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-rs", "-p", "no:cacheprovider"], cwd=root,
-                        env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-  assert " passed" in proc.stdout and "8-device child" not in proc.stdout, proc.stdout[-3000:]
+  rerun_in_child(__file__)
 
 
 def test_child_has_eight_devices():
-  if os.environ.get(CHILD) == "1":
-    assert EIGHT, f"XLA_FLAGS={os.environ.get('XLA_FLAGS')!r} gave {jax.device_count()} devices, expected 8"
+  if IN_CHILD:
+    assert EIGHT, f"got {jax.device_count()} devices, expected 8"
 
 
 def random_model(cfg=CONFIG, seed=0):
@@ -108,6 +93,7 @@ def test_logical_to_spec_drops_indivisible_and_repeated_axes():
   assert logical_to_spec(("batch", None, "embed"), mesh, (8, 3, 64)) == P(("data", "fsdp"), None, None)
   assert logical_to_spec(("batch",), mesh, (6,)) == P("data")
   assert logical_to_spec(("norm",), mesh, (64,)) == P(None)
+  assert logical_to_spec(("embed", None), mesh, (64, 4)) == P("fsdp", None)  # a LoRA A [in r]
   with pytest.raises(UserError, match="no rule"):
     logical_to_spec(("experts",), mesh)
 
@@ -165,13 +151,13 @@ def test_load_params_with_placement(tmp_path):
   mesh = make_mesh(2, 2, 2)
   model = random_model()
   export_hf(model, tmp_path)
-  loaded = load_params(CONFIG, SafetensorsSource(tmp_path), place=placement(mesh, abstract_model(CONFIG)),
-                       progress=False)
+  loaded = load_params(CONFIG, SafetensorsSource(tmp_path), place=placement(mesh), progress=False)
   expected = dict(nnx.to_flat_state(state_shardings(nnx.state(model), mesh)))
   original = dict(nnx.to_flat_state(nnx.state(model)))
+  place_by_table = placement(mesh, abstract_model(CONFIG))  # for callers that pass no shape
   for path, var in nnx.to_flat_state(nnx.state(loaded)):
     value = var.get_value()
-    assert value.sharding == expected[path].get_value(), path
+    assert value.sharding == expected[path].get_value() == place_by_table(path, var.logical_axes), path
     np.testing.assert_array_equal(np.asarray(value), np.asarray(original[path].get_value()), err_msg=str(path))
 
 
