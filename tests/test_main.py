@@ -1,6 +1,7 @@
 """The command line: bad input gives one line naming the problem, a non-zero exit and an untouched workdir."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_main(*args, cwd=ROOT):
+def run_main(*args, cwd=ROOT, env=None):
   return subprocess.run([sys.executable, "-m", "dcr_jax.main", *args], cwd=cwd, capture_output=True, text=True,
-                        timeout=600)
+                        timeout=600, env=env)
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -20,10 +21,17 @@ def run_main(*args, cwd=ROOT):
     (["--config=configs/gemma.py", "--config.model.weights=/nonexistent/model.gguf"], "/nonexistent/model.gguf"),
     (["--config=configs/tiny.py", "--config.stages=refine,bogus"], "config.stages"),
     (["--config=configs/tiny.py", "--config.mesh.data=0"], "config.mesh.data"),
+    (["--config=configs/tiny.py", "--config.refine.layer=99"], "config.refine.layer"),
+    (["--config=configs/tiny.py", "--config.refine.loss=hinge"], "config.refine.loss"),
+    (["--config=configs/tiny.py", "--config.data.seemingly_toxic="], "config.data.seemingly_toxic"),
+    (["--config=configs/tiny.py", "--config.data.toxic=/nowhere/toxic.csv"], "/nowhere/toxic.csv"),
+    (["--config=configs/tiny.py", "--config.align.lora_targets=q,zz"], "config.align.lora_targets"),
+    (["--config=configs/tiny.py", "--config.refine.batch_size=12"], "config.refine.batch_size"),
 ])
 def test_bad_input_is_one_line_and_leaves_no_workdir(tmp_path, args, needle):
   workdir = tmp_path / "run"
-  result = run_main(*args, f"--workdir={workdir}")
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}  # batch 12 vs 8 devices
+  result = run_main(*args, f"--workdir={workdir}", env=env)
   assert result.returncode != 0
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and needle in lines[0], result.stderr
