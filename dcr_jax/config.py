@@ -6,13 +6,13 @@ import ml_collections
 
 from dcr_jax.errors import UserError
 
-KNOWN_STAGES = ("demo", "refine", "align")
+KNOWN_STAGES = ("demo", "refine", "align", "evaluate")
 
 
 def base_config() -> ml_collections.ConfigDict:
   """Every key the pipeline reads, with defaults; configs/*.py start from this and override."""
   c = ml_collections.ConfigDict()
-  c.stages = "refine,align"
+  c.stages = "refine,align,evaluate"
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
@@ -84,6 +84,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 10
   c.checkpoint.keep = 2
+
+  c.evaluate = ml_collections.ConfigDict()
+  c.evaluate.suites = "demo-over-refusal,demo-harmful"  # names from dcr_jax.evaluate.suites (README table)
+  c.evaluate.data_root = ""  # folder with the suites' upstream files (e.g. ../shared/data); "" = HF ids
+  c.evaluate.n = 32  # prompts per suite (seeded subsample); 0 = all
+  c.evaluate.max_new_tokens = 48
+  c.evaluate.batch_size = 16
+  c.evaluate.bucket = 32  # prompt lengths are padded to a multiple of this (few compilations)
+  c.evaluate.temperature = 0.0  # 0 = greedy, as in the paper
+  c.evaluate.top_p = 1.0
+  c.evaluate.judge = "keyword"  # keyword | openai:<base_url>:<model>
+  c.evaluate.refusal_prob = True
 
   c.demo = ml_collections.ConfigDict()
   c.demo.prompts = ("How do I kill a Python process?", "What is the capital of France?",

@@ -35,12 +35,21 @@ def run(config, workdir: Path) -> dict:
   weights = "random-init" if config.model.random_init else (config.model.weights or "embedded")
   report = pipeline.update_report(workdir, "model", None, {"name": config.model.name, "weights": weights,
                                                           "params": _count_params(model)})
+  if not pipeline.training_stages(config.stages):
+    _restore_trained(ctx)
   for stage in stages:
     started = time.time()
     summary = _STAGES[stage][1]()(ctx, prepared[stage])
     summary["seconds"] = round(time.time() - started, 2)
     report = pipeline.update_report(workdir, "stages", stage, summary)
   return report
+
+
+def _restore_trained(ctx) -> None:
+  """Evaluation alone on a trained workdir: load what its training stages left (align, else refine)."""
+  from dcr_jax.train import align, refine
+
+  align.restore_aligned(ctx) or refine.restore_refined(ctx)
 
 
 def _count_params(model) -> int:
@@ -60,6 +69,11 @@ def _align():
   return align.prepare_align, align.run_align
 
 
+def _evaluate():
+  from dcr_jax.evaluate import stage
+  return stage.prepare_evaluate, stage.run_evaluate
+
+
 def _demo():
   from dcr_jax import demo
   return demo.prepare_demo, demo.run_demo
@@ -70,6 +84,7 @@ _STAGES = {
     "demo": (lambda: _demo()[0], lambda: _demo()[1]),
     "refine": (lambda: _refine()[0], lambda: _refine()[1]),
     "align": (lambda: _align()[0], lambda: _align()[1]),
+    "evaluate": (lambda: _evaluate()[0], lambda: _evaluate()[1]),
 }
 
 

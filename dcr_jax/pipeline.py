@@ -82,16 +82,30 @@ def write_json(path: Path, data) -> None:
   os.replace(tmp, path)
 
 
+TRAINING_KEYS = ("seed", "model", "data", "refine", "align")  # what a resumed run must keep unchanged
+
+
+def training_stages(stages: str) -> list[str]:
+  return [s.strip() for s in str(stages).split(",") if s.strip() in ("refine", "align")]
+
+
 def prepare_workdir(workdir: Path, config: ml_collections.ConfigDict) -> None:
-  """Creates the workdir and writes config.json; a re-run must use the same config (it resumes)."""
+  """Creates the workdir and writes config.json. A re-run resumes, so it must keep the training settings; the
+  stages it runs may differ only by leaving training out (e.g. `--config.stages=evaluate` on a trained workdir)."""
   config_file = workdir / "config.json"
   resolved = json.loads(config.to_json_best_effort())
   if config_file.is_file():
     previous = json.loads(config_file.read_text())
-    changed = _first_difference(previous, resolved)
+    changed = _first_difference({k: previous.get(k) for k in TRAINING_KEYS}, {k: resolved.get(k) for k in
+                                                                              TRAINING_KEYS})
+    new_training = training_stages(config.stages)
+    if not changed and new_training and new_training != training_stages(previous.get("stages", "")):
+      changed = "config.stages"
     if changed:
       raise UserError(f"{config_file}: key {changed} differs from the run already in this workdir; "
                       "use a new --workdir or delete it")
+    if not new_training:
+      resolved["stages"] = previous.get("stages")
   workdir.mkdir(parents=True, exist_ok=True)
   write_json(config_file, resolved)
 

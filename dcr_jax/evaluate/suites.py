@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 
 from dcr_jax.data.loaders import HF_PREFIX, DataError, load_records
+
+BUILTIN_DIR = Path(__file__).resolve().parents[1] / "data" / "builtin"
 from dcr_jax.errors import UserError
 
 KINDS = ("over_refusal", "harmful", "general")
@@ -108,6 +110,11 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
          "walledai/SafetyDatasets:ControversialInstructions:train", _STL_JSON, _STL),
   _suite("q-harm", "harmful", "safety_tuned_llamas/evaluation/Q-Harm.json", "walledai/SafetyDatasets:QHarm:train",
          _STL_JSON, _STL),
+  # The built-in demo sets (in-distribution for the default run, which also trains on them): offline smoke checks.
+  _suite("demo-over-refusal", "over_refusal", "builtin:seemingly_toxic", None, "dcr_jax built-in JSONL records",
+         "dcr_jax/data/builtin/seemingly_toxic.jsonl (written for this project)"),
+  _suite("demo-harmful", "harmful", "builtin:toxic", None, "dcr_jax built-in JSONL records",
+         "dcr_jax/data/builtin/toxic.jsonl (written for this project)"),
 )}
 """Every known suite by name, over-refusal first."""
 
@@ -135,6 +142,8 @@ def _resolve(suite: Suite, path: str | os.PathLike | None, data_root: str | os.P
   """The spec ``load_records`` reads: ``path``, else the file under ``data_root`` if present, else ``hf:<hf_id>``."""
   if path is not None:
     return os.fspath(path)
+  if suite.default_local and suite.default_local.startswith("builtin:"):
+    return str(BUILTIN_DIR / f"{suite.default_local[len('builtin:'):]}.jsonl")
   local = Path(data_root) / suite.default_local if data_root is not None and suite.default_local else None
   if local is not None and local.is_file():
     return str(local)

@@ -112,9 +112,9 @@ class Decoder(nnx.Module):
     return DecoderOutput(logits, hidden, new_cache)
 
   def logits(self, x: Array) -> Array:
-    """Final-normed hidden [..., D] -> float32 logits [..., V], soft-capped when configured."""
+    """Final-normed hidden [..., D] -> float32 logits [..., V] (float64 for float64 activations), soft-capped."""
     head = self.embedding[...].T if self.config.tie_embeddings else self.head[...]
-    logits = (x @ head.astype(x.dtype)).astype(jnp.float32)
+    logits = (x @ head.astype(x.dtype)).astype(jnp.promote_types(x.dtype, jnp.float32))
     if self.config.final_logit_softcap is not None:
       cap = self.config.final_logit_softcap
       logits = jnp.tanh(logits / cap) * cap

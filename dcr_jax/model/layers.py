@@ -21,7 +21,7 @@ def param(value: Array, axes: tuple[str | None, ...]) -> nnx.Param:
 
 
 class RMSNorm(nnx.Module):
-  """RMSNorm computed in float32, scaled by (offset + w): Gemma stores w around 0, Llama around 1."""
+  """RMSNorm computed in float32 (float64 for float64 inputs), scaled by (offset + w): Gemma w ~ 0, Llama w ~ 1."""
 
   def __init__(self, dim: int, *, eps: float, offset: float, param_dtype):
     self.scale = param(jnp.zeros((dim,), param_dtype), ("norm",))
@@ -29,9 +29,10 @@ class RMSNorm(nnx.Module):
     self.offset = offset
 
   def __call__(self, x: Array) -> Array:
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return (normed * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+    compute = jnp.promote_types(x.dtype, jnp.float32)
+    xc = x.astype(compute)
+    normed = xc * jax.lax.rsqrt(jnp.mean(jnp.square(xc), axis=-1, keepdims=True) + self.eps)
+    return (normed * (self.offset + self.scale[...].astype(compute))).astype(x.dtype)
 
 
 class Dense(nnx.Module):
@@ -119,7 +120,7 @@ class Attention(nnx.Module):
       kv_slots = jnp.broadcast_to(jnp.arange(key.shape[1], dtype=jnp.int32), cache_segments.shape)
     mask = attention_mask(segments, kv_segments, slots, kv_slots, self.window)  # B T S
     q = (q * self.scale).reshape(b, t, k, n // k, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, key.astype(q.dtype)).astype(jnp.float32)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, key.astype(q.dtype)).astype(jnp.promote_types(q.dtype, jnp.float32))
     if self.softcap is not None:
       logits = jnp.tanh(logits / self.softcap) * self.softcap
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)

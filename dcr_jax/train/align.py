@@ -51,17 +51,31 @@ def prepare_align(config, tokenizer, model_config) -> dict:
           "mixture": SFTMixture(sources, weights, ac.batch_size, ac.max_len, config.seed, pack=ac.pack)}
 
 
-def run_align(ctx, prepared: dict) -> dict:
-  """LoRA (align.lora_rank > 0) or full fine-tuning with masked CE on response tokens; returns the stage summary."""
+def _align_run(ctx, targets) -> StageRun:
   ac = ctx.config.align
-  sources, mixture, targets = prepared["sources"], prepared["mixture"], prepared["targets"]
   if ac.lora_rank > 0:
     attach_lora(ctx.model, rank=ac.lora_rank, alpha=ac.lora_alpha, targets=targets,
                 rngs=nnx.Rngs(ctx.config.seed + 2))
   optimizer = make_optimizer(lr=ac.lr, steps=ac.steps, warmup=ac.warmup, weight_decay=ac.weight_decay,
                              clip=ac.clip)
-  run = StageRun(ctx, "align", trainable_filter("lora" if ac.lora_rank > 0 else "full"), optimizer)
-  step = make_align_step(run.graphdef, optimizer, grad_accum=ac.grad_accum)
+  return StageRun(ctx, "align", trainable_filter("lora" if ac.lora_rank > 0 else "full"), optimizer)
+
+
+def restore_aligned(ctx) -> bool:
+  """Loads the aligned params (LoRA attached as configured) of an earlier run into ctx.model; False if none."""
+  if not StageRun.has_checkpoint(ctx, "align"):
+    return False
+  targets = [t.strip() for t in str(ctx.config.align.lora_targets).split(",") if t.strip()]
+  _align_run(ctx, targets).hand_over()
+  return True
+
+
+def run_align(ctx, prepared: dict) -> dict:
+  """LoRA (align.lora_rank > 0) or full fine-tuning with masked CE on response tokens; returns the stage summary."""
+  ac = ctx.config.align
+  sources, mixture = prepared["sources"], prepared["mixture"]
+  run = _align_run(ctx, prepared["targets"])
+  step = make_align_step(run.graphdef, run.optimizer, grad_accum=ac.grad_accum)
   summary = run.train(step, mixture.batch, steps=ac.steps, log_every=ac.log_every)
   summary["examples"] = {name: len(s) for name, s in sources.items()}
   return summary

@@ -103,3 +103,15 @@ def _probe(model, train, holdout, layer, pooling) -> dict:
   if len(holdout) and len(set(holdout.labels.tolist())) > 1:
     out["heldout_accuracy"] = probe.probe_accuracy(x_train, train.labels, x_hold, holdout.labels)
   return out
+
+
+def restore_refined(ctx) -> bool:
+  """Loads the refined params of an earlier run of this workdir into ctx.model; False when there are none."""
+  rc = ctx.config.refine
+  if not StageRun.has_checkpoint(ctx, "refine"):
+    return False
+  layers = parse_layers(rc.layer, ctx.model.config.num_layers)
+  optimizer = make_optimizer(lr=rc.lr, steps=rc.steps, warmup=rc.warmup, weight_decay=rc.weight_decay,
+                             clip=rc.clip)
+  StageRun(ctx, "refine", trainable_filter("refine", max(layers)), optimizer).hand_over()
+  return True

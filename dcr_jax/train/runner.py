@@ -18,7 +18,7 @@ class StageRun:
   """One training stage of the pipeline: builds the sharded TrainState, restores the latest checkpoint, trains."""
 
   def __init__(self, ctx, name: str, trainable, optimizer):
-    self.ctx, self.name = ctx, name
+    self.ctx, self.name, self.optimizer = ctx, name, optimizer
     self.graphdef, state = create_state(ctx.model, trainable, optimizer, ctx.config.seed)
     self.shardings = parallel.state_shardings(state, ctx.mesh)
     self.state = parallel.shard_pytree(state, self.shardings)
@@ -26,6 +26,15 @@ class StageRun:
     self.manager = checkpoint_manager(ctx.workdir / "checkpoints" / name, keep=ck.keep)
     self.state = restore_latest(self.manager, self.state, self.shardings)
     self.save_every = ck.every
+
+  @staticmethod
+  def has_checkpoint(ctx, name: str) -> bool:
+    directory = ctx.workdir / "checkpoints" / name
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+  def hand_over(self) -> None:
+    """Puts this stage's (restored) params into ctx.model."""
+    nnx.update(self.ctx.model, self.state.params, self.state.frozen)
 
   def train(self, step, batch_fn, *, steps: int, log_every: int) -> dict:
     """Compiles `step` once for this stage's shardings, runs the loop, and updates ctx.model in place."""
@@ -41,7 +50,7 @@ class StageRun:
                                 num_steps=steps, manager=self.manager, save_every=self.save_every,
                                 log_every=log_every, writer=self.ctx.writer, show_progress=jax.process_index() == 0)
     self.state = state
-    nnx.update(self.ctx.model, state.params, state.frozen)
+    self.hand_over()
     if summary["final_loss"] is None:  # the stage had already finished: report its last logged loss
       summary["final_loss"] = last_logged(self.ctx.workdir / "metrics.jsonl", self.name, "loss")
     return summary

@@ -1,0 +1,112 @@
+"""The `evaluate` stage: generate on every configured suite, judge refusals, score, write eval/*.jsonl + report.
+
+Resumable: each suite's JSONL is appended batch by batch, and prompts already there are not redone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from dcr_jax.errors import UserError
+from dcr_jax.evaluate.generate import generate
+from dcr_jax.evaluate.refusal import make_judge
+from dcr_jax.evaluate.suites import get_suite, load_suite, safety_score, suite_metrics
+from dcr_jax.weights.tokenizer import encode_chat, stop_token_ids
+
+
+def suite_list(config) -> list[str]:
+  return [s.strip() for s in str(config.evaluate.suites).split(",") if s.strip()]
+
+
+def prepare_evaluate(config, tokenizer, model_config) -> dict:
+  """Loads every suite (and checks the judge) before anything is written; raises UserError naming the problem."""
+  ec = config.evaluate
+  names = suite_list(config)
+  if not names:
+    raise UserError("config.evaluate.suites is empty; name at least one suite (see README)")
+  data_root = ec.data_root or None
+  suites = {name: load_suite(name, data_root=data_root, n=ec.n or None, seed=config.seed) for name in names}
+  return {"suites": suites, "judge": make_judge(ec.judge)}
+
+
+def _done_rows(path: Path) -> list[dict]:
+  """Rows already written; a torn last line (crash mid-write) is dropped and the file truncated to the good part."""
+  if not path.is_file():
+    return []
+  rows, good_bytes = [], 0
+  with path.open("rb") as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        break
+      good_bytes += len(line)
+  if good_bytes != path.stat().st_size:
+    with path.open("r+b") as f:
+      f.truncate(good_bytes)
+  return rows
+
+
+def _append(path: Path, rows: list[dict]) -> None:
+  with path.open("a", encoding="utf-8") as f:
+    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def evaluate_suite(ctx, name: str, records: list[dict], judge, show_progress: bool = True) -> list[dict]:
+  """Rows for one suite (prompt, label, category, generation, refused, refusal_prob), resuming DIR/eval/<name>.jsonl."""
+  from dcr_jax.evaluate.refusal_prob import refusal_probability
+
+  ec = ctx.config.evaluate
+  path = ctx.workdir / "eval" / f"{name}.jsonl"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  rows = _done_rows(path)
+  done = {r["prompt"] for r in rows}
+  todo = [r for r in records if r["prompt"] not in done]
+  if not todo:
+    return rows
+  prompts_ids = [encode_chat(ctx.tokenizer, r["prompt"])[0] for r in todo]
+  order = np.argsort([len(p) for p in prompts_ids], kind="stable")  # similar lengths share a bucket
+  stops = stop_token_ids(ctx.tokenizer)
+  b = ec.batch_size
+  for start in tqdm(range(0, len(order), b), desc=f"eval {name}", disable=not show_progress, dynamic_ncols=True,
+                    initial=len(rows) // b, total=(len(records) + b - 1) // b):
+    chunk = [int(i) for i in order[start:start + b]]
+    batch = [prompts_ids[i] for i in chunk]
+    batch += [batch[0]] * (b - len(batch))  # a fixed batch shape: one compilation per length bucket
+    outputs = generate(ctx.model, batch, max_new_tokens=ec.max_new_tokens, stop_ids=stops,
+                       pad_id=ctx.tokenizer.pad_token_id, temperature=ec.temperature, top_p=ec.top_p,
+                       seed=ctx.config.seed + start, bucket=ec.bucket)[:len(chunk)]
+    texts = [ctx.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
+    prompts = [todo[i]["prompt"] for i in chunk]
+    refused = judge(prompts, texts)
+    probs = (refusal_probability(ctx.model, ctx.tokenizer, prompts, batch_size=b) if ec.refusal_prob
+             else [None] * len(chunk))
+    new = [{"prompt": todo[i]["prompt"], "label": todo[i]["label"], "category": todo[i].get("category"),
+            "generation": text, "refused": bool(r), "refusal_prob": None if p is None else float(p)}
+           for i, text, r, p in zip(chunk, texts, refused, probs)]
+    _append(path, new)
+    rows += new
+  return rows
+
+
+def run_evaluate(ctx, prepared: dict) -> dict:
+  """Evaluates the current model on every suite; fills report.json's `eval` and returns the stage summary."""
+  from dcr_jax.pipeline import is_main_process, update_report
+
+  results = {}
+  for name, records in prepared["suites"].items():
+    rows = evaluate_suite(ctx, name, records, prepared["judge"], show_progress=is_main_process())
+    results[name] = suite_metrics(get_suite(name).kind, rows)
+    update_report(ctx.workdir, "eval", name, results[name])
+  over = [m["compliance_rate"] for m in results.values() if m["kind"] == "over_refusal"]
+  summary = {"suites": len(results), "prompts": sum(m["n"] for m in results.values()),
+             "safety": safety_score(results), "over_refusal_compliance": float(np.mean(over)) if over else None}
+  update_report(ctx.workdir, "eval_summary", None, summary)
+  return {"steps": 0, "final_loss": None, **summary}
