@@ -8,4 +8,9 @@ def get_config(family: str = "gemma3"):
   config.model.name = f"tiny-{family}"
   config.model.random_init = True
   config.demo.max_new_tokens = 8
+  # a random model learns only at larger steps than a pretrained one
+  config.refine.lr = 1e-3
+  config.align.lr = 1e-2
+  config.evaluate.n = 16
+  config.evaluate.max_new_tokens = 16
   return config

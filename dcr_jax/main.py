@@ -42,6 +42,9 @@ def run(config, workdir: Path) -> dict:
     summary = _STAGES[stage][1]()(ctx, prepared[stage])
     summary["seconds"] = round(time.time() - started, 2)
     report = pipeline.update_report(workdir, "stages", stage, summary)
+  if pipeline.is_main_process():
+    from dcr_jax.report import write_report_md
+    write_report_md(workdir)
   return report
 
 
