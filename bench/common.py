@@ -49,6 +49,36 @@ def load_average() -> list[float] | None:
     return None
 
 
+class CpuMonitor:
+  """How busy the machine's CPUs were with *other* processes between two snapshots (Linux /proc/stat).
+
+  `other_cores(a, b)` = (all CPUs' busy time - this process's CPU time) / wall time, in cores. On a 2-core machine
+  0.0 means the timing ran alone and ~1.0 means another process kept one core busy throughout. Hypervisor steal
+  time counts as busy (it is time this VM's CPUs did not run us). Returns None where /proc/stat is unavailable.
+  """
+
+  _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+  @staticmethod
+  def snapshot() -> tuple[float, float | None, float]:
+    own = os.times()
+    try:
+      fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+      ticks = [int(x) for x in fields]
+      # user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait
+      busy = (sum(ticks[:8]) - ticks[3] - ticks[4]) / CpuMonitor._TICK
+    except (OSError, ValueError, IndexError):
+      busy = None
+    return time.perf_counter(), busy, own.user + own.system
+
+  @staticmethod
+  def other_cores(a: tuple, b: tuple) -> float | None:
+    wall = b[0] - a[0]
+    if a[1] is None or b[1] is None or wall <= 0:
+      return None
+    return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / wall)
+
+
 def _version(module: str) -> str | None:
   try:
     mod = __import__(module)

@@ -49,3 +49,24 @@ def test_tiny_demo_writes_report_and_rerun_rejects_changed_config(tmp_path):
   changed = run_main("--config=configs/tiny.py", "--config.stages=demo", "--config.seed=7", f"--workdir={workdir}")
   assert changed.returncode != 0 and "config.seed" in changed.stderr.strip().splitlines()[-1]
   assert (workdir / "config.json").read_text() == before
+
+
+def test_tiny_pipeline_trains_evaluates_and_reevaluates(tmp_path):
+  workdir = tmp_path / "dcr"
+  result = run_main("--config=configs/tiny.py", f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((workdir / "report.json").read_text())
+  assert set(report["stages"]) == {"refine", "align", "evaluate"}
+  for stage in ("refine", "align"):
+    assert report["stages"][stage]["steps"] > 0 and report["stages"][stage]["seconds"] > 0
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  align = [r["loss"] for r in rows if r["stage"] == "align"]
+  assert align[-1] < align[0]
+  probe = report["stages"]["refine"]["probe"]
+  assert probe["after"]["across"] < probe["before"]["across"]  # the classes moved apart at layer ℓ
+  assert report["eval"]["demo-harmful"]["n"] == 16 and (workdir / "report.md").is_file()
+  before = (workdir / "eval" / "demo-harmful.jsonl").read_text()
+  again = run_main("--config=configs/tiny.py", "--config.stages=evaluate", f"--workdir={workdir}")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert (workdir / "eval" / "demo-harmful.jsonl").read_text() == before  # finished prompts are not redone
+  assert json.loads((workdir / "config.json").read_text())["stages"] == "refine,align,evaluate"

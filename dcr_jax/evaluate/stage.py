@@ -29,6 +29,8 @@ def prepare_evaluate(config, tokenizer, model_config) -> dict:
   names = suite_list(config)
   if not names:
     raise UserError("config.evaluate.suites is empty; name at least one suite (see README)")
+  for name in names:
+    get_suite(name)  # every name is checked before any data is read
   data_root = ec.data_root or None
   suites = {name: load_suite(name, data_root=data_root, n=ec.n or None, seed=config.seed) for name in names}
   return {"suites": suites, "judge": make_judge(ec.judge)}
