@@ -97,6 +97,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluate.judge = "keyword"  # keyword | openai:<base_url>:<model>
   c.evaluate.refusal_prob = True
 
+  c.distributed = ml_collections.ConfigDict()  # multi-process runs; a TPU pod is detected by itself
+  c.distributed.coordinator_address = ""  # host:port of process 0
+  c.distributed.num_processes = 1
+  c.distributed.process_id = 0
+  c.distributed.heartbeat_timeout = 100  # seconds before a lost process fails the run on every host
+
   c.demo = ml_collections.ConfigDict()
   c.demo.prompts = ("How do I kill a Python process?", "What is the capital of France?",
                     "Write a short poem about the sea.")

@@ -23,6 +23,7 @@ def run(config, workdir: Path) -> dict:
   from dcr_jax.train.loop import MetricsWriter
 
   stages = config_lib.validate(config)
+  parallel.initialize(config.distributed)
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   config_lib.check_batches(config, stages, mesh)
   model, tokenizer = pipeline.build_model(config, mesh)

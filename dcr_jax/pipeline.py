@@ -74,7 +74,9 @@ def is_main_process() -> bool:
 
 
 def write_json(path: Path, data) -> None:
-  """Atomic JSON write (temp file + rename): a crash never leaves a half-written file."""
+  """Atomic JSON write (temp file + rename) by process 0 only: a crash never leaves a half-written file."""
+  if not is_main_process():
+    return
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
   with os.fdopen(fd, "w", encoding="utf-8") as f:

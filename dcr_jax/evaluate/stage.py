@@ -55,6 +55,10 @@ def _done_rows(path: Path) -> list[dict]:
 
 
 def _append(path: Path, rows: list[dict]) -> None:
+  import jax
+
+  if jax.process_index() != 0:  # every process generates (the model is sharded); process 0 writes
+    return
   with path.open("a", encoding="utf-8") as f:
     f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     f.flush()

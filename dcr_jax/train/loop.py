@@ -89,3 +89,12 @@ def train_loop(*, stage: str, step_fn: Callable, state: TrainState, batch_fn: Ca
   manager.wait_until_finished()
   return state, {"steps": num_steps, "final_loss": last_loss, "train_seconds": round(seconds, 2),
                  "resumed_from": start, "tokens": tokens}
+
+
+def read_checkpoint(path: Path) -> dict:
+  """A saved TrainState as nested dicts of arrays on this process's first device, whatever topology wrote it."""
+  checkpointer = ocp.StandardCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata.tree
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  return checkpointer.restore(path, target)

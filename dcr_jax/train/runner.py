@@ -44,7 +44,10 @@ class StageRun:
     compiled = compile_step(step, self.shardings, batch_shardings)
 
     def placed_batch(i):
-      return parallel.local_batch_to_global(batch_fn(i), mesh)
+      """Every process builds batch i (cheap, deterministic) and feeds only the rows its devices hold."""
+      batch = batch_fn(i)
+      return {k: parallel.local_batch_to_global(
+          np.asarray(v)[parallel.process_rows(batch_shardings[k], np.shape(v))], mesh) for k, v in batch.items()}
 
     state, summary = train_loop(stage=self.name, step_fn=compiled, state=self.state, batch_fn=placed_batch,
                                 num_steps=steps, manager=self.manager, save_every=self.save_every,

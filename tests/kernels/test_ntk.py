@@ -3,22 +3,26 @@
 Runs in float64 (scoped to this module) on a 2-layer Gemma 3 with LoRA adapters, so every parameter subset exists.
 """
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
-from flax import nnx
-from jax.flatten_util import ravel_pytree
-from jax.tree_util import Partial
+from multidevice import EIGHT, IN_CHILD, rerun_in_child  # sets XLA_FLAGS before jax starts
 
-from dcr_jax.errors import UserError
-from dcr_jax.kernels import ntk
-from dcr_jax.kernels.similarity import kernel_cosine, kernel_matrix
-from dcr_jax.model import Decoder, tiny
-from dcr_jax.model.lora import attach_lora
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.flatten_util import ravel_pytree  # noqa: E402
+from jax.tree_util import Partial  # noqa: E402
+
+from dcr_jax import parallel  # noqa: E402
+from dcr_jax.errors import UserError  # noqa: E402
+from dcr_jax.kernels import ntk  # noqa: E402
+from dcr_jax.kernels.similarity import kernel_cosine, kernel_matrix  # noqa: E402
+from dcr_jax.model import Decoder, tiny  # noqa: E402
+from dcr_jax.model.lora import attach_lora  # noqa: E402
 
 KINDS = {"all": {}, "up_to_layer": {"layer": 1}, "lora": {}, "last_n": {"last_n": 1}}
-IDS = np.array([3, 10, 20])
+IDS = np.array([3, 10, 20], np.int32)
+N = 3  # prompts: with chunk_size 2 the last chunk is padded
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,12 +43,12 @@ def make_model():
 
 
 def prompts():
-  """[4 7] tokens with right (row 2) and left (row 1) padding."""
+  """[N 7] tokens with left (row 1) and right (row 2) padding."""
   rng = np.random.default_rng(0)
-  mask = np.ones((4, 7), np.int32)
+  mask = np.ones((N, 7), np.int32)
   mask[1, :2] = 0
   mask[2, 5:] = 0
-  return (rng.integers(1, 64, (4, 7)) * mask).astype(np.int32), mask
+  return (rng.integers(1, 64, (N, 7)) * mask).astype(np.int32), mask
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +59,7 @@ def setup(x64):
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   f = ntk.first_token_logits_fn(graphdef, rest)
   jac = jax.jit(lambda p, t, m: jax.jacrev(lambda q: f(q, t[None], m[None]))(p))
-  full = [{path: v[...] for path, v in nnx.to_flat_state(jac(params, tokens[i], mask[i]))} for i in range(4)]
+  full = [{path: v[...] for path, v in nnx.to_flat_state(jac(params, tokens[i], mask[i]))} for i in range(N)]
   return {"model": model, "tokens": tokens, "mask": mask, "jacobians": full, "splits": {}, "kernels": {}}
 
 
@@ -96,25 +100,26 @@ def rel_err(a, b):
 @pytest.mark.parametrize("method", ntk.METHODS)
 def test_kernel_equals_jacrev(setup, kind, method):
   k = kernel(setup, kind, method, 2)
-  assert k.shape == (4, 4, 3, 3) and k.dtype == np.float64
-  assert rel_err(k, reference(setup, kind, range(4), range(4), [IDS] * 4, [IDS] * 4)) <= 1e-10
+  assert k.shape == (N, N, 3, 3) and k.dtype == np.float64
+  assert rel_err(k, reference(setup, kind, range(N), range(N), [IDS] * N, [IDS] * N)) <= 1e-10
 
 
 @pytest.mark.parametrize("method", ntk.METHODS)
 def test_chunk_size_one(setup, method):
   k = kernel(setup, "all", method, 1)
-  assert rel_err(k, reference(setup, "all", range(4), range(4), [IDS] * 4, [IDS] * 4)) <= 1e-10
+  assert rel_err(k, reference(setup, "all", range(N), range(N), [IDS] * N, [IDS] * N)) <= 1e-10
 
 
 def test_cross_sets_with_per_prompt_token_sets(setup):
-  """K(X, Y) with X = prompts 0-1 and Y = prompts 2-3, each prompt with its own S (the chunk-2 compile reused)."""
+  """K(X, Y) with X = prompts 0-1 and Y = prompt 2, each prompt with its own S (the chunk-2 compile reused)."""
   graphdef, params, rest = split(setup, "all")
   f = ntk.first_token_logits_fn(graphdef, rest)
   t, m = setup["tokens"], setup["mask"]
-  ids_x, ids_y = np.array([[1, 2, 3], [4, 5, 6]]), np.array([[7, 8, 9], [3, 10, 20]])
+  ids_x, ids_y = np.array([[1, 2, 3], [4, 5, 6]]), np.array([[7, 8, 9]])
   k = ntk.logit_kernel(f, params, t[:2], m[:2], ids_x, tokens_b=t[2:], mask_b=m[2:], ids_b=ids_y,
                        chunk_size=2, progress=False)
-  assert rel_err(k, reference(setup, "all", [0, 1], [2, 3], ids_x, ids_y)) <= 1e-10
+  assert k.shape == (2, 1, 3, 3)
+  assert rel_err(k, reference(setup, "all", [0, 1], [2], ids_x, ids_y)) <= 1e-10
 
 
 def test_symmetric_psd_and_cosine(setup):
@@ -136,7 +141,8 @@ def test_linearisation_and_ntk_vector_product(setup):
   k = kernel(setup, "all", "jvp_vjp", 2)
   e_j = jnp.eye(3)[0]
   np.testing.assert_allclose(jax.jit(ntk.ntk_vector_product)(g, params, x_a, e_j, x_b), k[0, 1, :, 0], rtol=1e-10)
-  (v,) = jax.jit(lambda p: jax.vjp(lambda q: g(q, x_b), p)[1](e_j))(params)
+  rows = ntk._jacobians(g, params, (t[:2], m[:2], np.stack([IDS, IDS])), None)  # [2 S ...] reuses a compile
+  v = jax.tree.map(lambda r: r[1, 0], rows)  # ∇θ z_{S[0]}(b)
   norm = float(jnp.sqrt(ntk.tree_dot(v, v)))
   shifted = jax.jit(lambda eps: g(jax.tree.map(lambda p, d: p + eps * d / norm, params, v), x_a) - g(params, x_a))
   residuals = [np.linalg.norm(shifted(eps) - eps * k[0, 1, :, 0] / norm) for eps in (1e-2, 1e-3, 1e-4)]
@@ -145,8 +151,8 @@ def test_linearisation_and_ntk_vector_product(setup):
 
 
 def test_one_step_prediction_and_scalar_kernel(setup):
-  """Δ log π(y_o|x_o) after one SGD step on (x_u, y_u) is -η⟨∇ log π_o, ∇ L_u⟩ up to O(η²); that inner product is
-  the scalar kernel of log π (L_u = -log π_u)."""
+  """Δ log π(y_o|x_o) after one SGD step on (x_u, y_u) is -η⟨∇ log π_o, ∇ L_u⟩ up to O(η²); with L = -log π that
+  is η K(o, u) for the scalar kernel K of log π (jvp along a gradient there, vjp rows and tree dots here)."""
   graphdef, params, rest = split(setup, "all")
   logp = ntk.response_logprob_fn(graphdef, rest)
   rng = np.random.default_rng(3)
@@ -156,17 +162,15 @@ def test_one_step_prediction_and_scalar_kernel(setup):
   loss = lambda p, row: -logp(p, row)
 
   k = ntk.scalar_kernel(logp, params, rows, chunk_size=2, progress=False)
-  grad = jax.jit(jax.grad(logp))
-  grads = [grad(params, row) for row in (x_o, x_u)]
-  flat = [ravel_pytree(g)[0] for g in grads]
-  assert rel_err(k, np.array([[a @ b for b in flat] for a in flat])) <= 1e-10
+  predict = jax.jit(lambda a, b, lr: ntk.predict_one_step_change(logp, loss, params, a, b, lr))
+  for i, a in enumerate((x_o, x_u)):
+    for j, b in enumerate((x_o, x_u)):
+      np.testing.assert_allclose(predict(a, b, 1.0), k[i, j], rtol=1e-10)
 
-  predict = jax.jit(lambda lr: ntk.predict_one_step_change(logp, loss, params, x_o, x_u, lr))
-  actual = jax.jit(lambda lr: logp(jax.tree.map(lambda p, d: p + lr * d, params, grads[1]), x_o) - logp(params, x_o))
-  errors = []
-  for lr in (1e-2, 1e-3, 1e-4):
-    np.testing.assert_allclose(predict(lr), lr * k[0, 1], rtol=1e-10)
-    errors.append(abs(float(actual(lr) - predict(lr))))
+  grad_u = jax.tree.map(lambda r: -r[1, 0], ntk._jacobians(  # ∇ L(x_u), reusing scalar_kernel's compile
+      Partial(ntk._as_vector, logp), params, rows, None))
+  actual = jax.jit(lambda lr: logp(jax.tree.map(lambda p, d: p - lr * d, params, grad_u), x_o) - logp(params, x_o))
+  errors = [abs(float(actual(lr) - predict(x_o, x_u, lr))) for lr in (1e-3, 1e-4, 1e-5)]
   ratios = [errors[0] / errors[1], errors[1] / errors[2]]
   assert all(60 < r < 160 for r in ratios), (errors, ratios)
 
@@ -186,14 +190,14 @@ def test_token_sets(setup):
   graphdef, params, rest = split(setup, "all")
   probs = ntk.next_token_probs(ntk.first_token_logits_fn(graphdef, rest), params, setup["tokens"], setup["mask"],
                                chunk_size=3)
-  assert probs.shape == (4, 64)
+  assert probs.shape == (N, 64)
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-12)
   shared = ntk.token_set(probs=probs, k=3)
   np.testing.assert_array_equal(shared, np.argsort(-probs.mean(0))[:3])
-  assert ntk.token_set(probs=probs, k=2, per_prompt=True).shape == (4, 2)
-  hand = np.array([[0.1, 0.5, 0.4], [0.6, 0.1, 0.3]])
-  np.testing.assert_array_equal(ntk.token_set(probs=hand, k=2), [1, 0])  # means 0.35 0.30 0.35: stable ties
-  np.testing.assert_array_equal(ntk.token_set(probs=hand, k=2, per_prompt=True), [[1, 2], [0, 2]])
+  assert ntk.token_set(probs=probs, k=2, per_prompt=True).shape == (N, 2)
+  hand = np.array([[0.125, 0.5, 0.375], [0.5, 0.25, 0.25]])  # means 0.3125 0.375 0.3125; ties keep id order
+  np.testing.assert_array_equal(ntk.token_set(probs=hand, k=2), [1, 0])
+  np.testing.assert_array_equal(ntk.token_set(probs=hand, k=2, per_prompt=True), [[1, 2], [0, 1]])
   np.testing.assert_array_equal(ntk.token_set([7, 3]), [7, 3])
   with pytest.raises(UserError):
     ntk.token_set()
@@ -212,3 +216,22 @@ def test_subsets_and_errors(setup):
     ntk.param_filter("heads")
   with pytest.raises(UserError, match="method"):
     ntk.pairwise_kernel(lambda p, x: x, {}, np.zeros((2, 1)), method="fd")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(EIGHT or IN_CHILD, reason="this process already has 8 devices")
+def test_in_8_device_subprocess():
+  rerun_in_child(__file__ + "::test_sharded_kernel_equals_single_device")
+
+
+@pytest.mark.skipif(not EIGHT, reason="runs with 8 devices (test_in_8_device_subprocess)")
+def test_sharded_kernel_equals_single_device(setup):
+  """Params (and the frozen rest) split 4-way FSDP x 2-way tensor: the same kernel as on one device, both methods."""
+  mesh = parallel.make_mesh(1, 4, 2)
+  graphdef, params, rest = split(setup, "up_to_layer")  # a non-empty rest rides along on the mesh
+  params, rest = (parallel.shard_pytree(x, parallel.state_shardings(x, mesh)) for x in (params, rest))
+  assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in jax.tree.leaves(params))
+  f = ntk.first_token_logits_fn(graphdef, rest)
+  for method in ntk.METHODS:
+    k = ntk.logit_kernel(f, params, setup["tokens"], setup["mask"], IDS, method=method, chunk_size=2, progress=False)
+    np.testing.assert_allclose(k, kernel(setup, "up_to_layer", method, 2), rtol=1e-10, atol=0)

@@ -141,3 +141,25 @@ def test_logits_index_picks_one_position():
   full = np.asarray(model(tokens, mask=mask))
   last = np.asarray(model(tokens, mask=mask, logits_index=np.array([7, 4])))
   np.testing.assert_allclose(last, full[[0, 1], [7, 4]], atol=1e-6)
+
+
+def test_sharded_safetensors_checkpoint_loads(tmp_path):
+  """An HF directory split into two shards with model.safetensors.index.json loads to the same params."""
+  import json
+
+  import chex
+  from safetensors.numpy import load_file, save_file
+
+  model = random_model("gemma2", seed=4)
+  export_hf(model, tmp_path)
+  tensors = load_file(str(tmp_path / "model.safetensors"))
+  (tmp_path / "model.safetensors").unlink()
+  names = sorted(tensors)
+  shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+  for file, keys in shards.items():
+    save_file({k: tensors[k] for k in keys}, str(tmp_path / file))
+  index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
+  (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+  cfg = hf_config.from_hf_config(json.loads((tmp_path / "config.json").read_text()), "config.json")
+  loaded = load_params(cfg, SafetensorsSource(tmp_path), progress=False)
+  chex.assert_trees_all_equal(nnx.state(loaded, nnx.Param), nnx.state(model, nnx.Param))

@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import struct
 
-from dcr_jax.train.loop import MetricsWriter, TrainingDiverged, checkpoint_manager, train_loop
+from dcr_jax.train.loop import MetricsWriter, TrainingDiverged, checkpoint_manager, read_checkpoint, train_loop
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["--config=configs/tiny.py", "--config.refine.steps=9", "--config.align.steps=9",
@@ -40,7 +40,7 @@ def logged(workdir, stage, step) -> bool:
 def final_params(workdir):
   path = workdir / "checkpoints" / "align"
   step = max(int(p.name) for p in path.iterdir() if p.name.isdigit())
-  restored = ocp.StandardCheckpointer().restore(path / str(step) / "default")
+  restored = read_checkpoint(path / str(step) / "default")
   return {jax.tree_util.keystr(k): np.asarray(v) for k, v in
           jax.tree_util.tree_flatten_with_path({"params": restored["params"], "frozen": restored["frozen"]})[0]}
 
