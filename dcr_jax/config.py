@@ -21,6 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.tokenizer = ""  # "" = from the weights; else an HF tokenizer directory
   c.model.dtype = "float32"
   c.model.random_init = False  # random weights of the named shape (tests, planning)
+  c.model.remat = "none"  # none | full | dots: recompute block activations in the backward pass
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1

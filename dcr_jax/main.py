@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from dcr_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pipeline config file (e.g. configs/gemma.py:gemma3-270m).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, eval, report. A re-run resumes.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs://bucket/run): config, checkpoints, "
+                                "eval, report. A re-run resumes.")
 
 
-def run(config, workdir: Path) -> dict:
+def run(config, workdir: epath.Path) -> dict:
   """Runs config.stages in order and returns the report. Everything that can fail on bad input is checked before
   the workdir is touched."""
   from dcr_jax import config as config_lib
@@ -101,11 +102,11 @@ def main(argv):
     print("error: both --config=FILE[:VARIANT] and --workdir=DIR are required", file=sys.stderr)
     sys.exit(2)
   try:
-    report = run(_CONFIG.value, Path(_WORKDIR.value))
+    report = run(_CONFIG.value, epath.Path(_WORKDIR.value))
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  print(f"done: {Path(_WORKDIR.value) / 'report.json'} ({', '.join(report.get('stages', {}))})")
+  print(f"done: {epath.Path(_WORKDIR.value) / 'report.json'} ({', '.join(report.get('stages', {}))})")
 
 
 if __name__ == "__main__":

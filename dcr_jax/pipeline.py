@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import jax
 import ml_collections
+from etils import epath
 from flax import nnx
 
 from dcr_jax.errors import UserError
 from dcr_jax.model import Decoder, ModelConfig, get_variant, tiny
 from dcr_jax.weights import load_model
 from dcr_jax.weights.tokenizer import tiny_tokenizer
+from dcr_jax.workdir_io import as_path, ensure_dir, write_text_atomic
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "data" / "builtin"
 
@@ -25,7 +25,7 @@ class Context:
   """What every stage gets: the resolved config, the workdir, the model and its tokenizer."""
 
   config: ml_collections.ConfigDict
-  workdir: Path
+  workdir: epath.Path  # local directory or gs://… URI (dcr_jax.workdir_io)
   model: Decoder
   tokenizer: object
   mesh: jax.sharding.Mesh
@@ -45,9 +45,10 @@ def builtin_corpus() -> list[str]:
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   """The architecture named by config.model.name (`tiny-<family>` for random-init tiny models)."""
   name = config.model.name
+  common = dict(dtype=config.model.dtype, param_dtype=config.model.dtype, remat=config.model.remat)
   if name.startswith("tiny-"):
-    return tiny(name[len("tiny-"):], dtype=config.model.dtype, param_dtype=config.model.dtype)
-  return get_variant(name).replace(dtype=config.model.dtype, param_dtype=config.model.dtype)
+    return tiny(name[len("tiny-"):], **common)
+  return get_variant(name).replace(**common)
 
 
 def build_model(config: ml_collections.ConfigDict, mesh=None) -> tuple[Decoder, object]:
@@ -65,23 +66,22 @@ def build_model(config: ml_collections.ConfigDict, mesh=None) -> tuple[Decoder, 
     from dcr_jax.weights.sources import GGUFSource
     return model, load_tokenizer(GGUFSource(embedded_gguf_path()), config.model.tokenizer or None)
   spec = config.model.weights or config.model.name
-  return load_model(spec, place=place, dtype=config.model.dtype, tokenizer=config.model.tokenizer or None,
-                    progress=is_main_process())
+  model, tokenizer = load_model(spec, place=place, dtype=config.model.dtype,
+                                tokenizer=config.model.tokenizer or None, progress=is_main_process())
+  model.config = model.config.replace(remat=config.model.remat)
+  return model, tokenizer
 
 
 def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
-def write_json(path: Path, data) -> None:
-  """Atomic JSON write (temp file + rename) by process 0 only: a crash never leaves a half-written file."""
+def write_json(path: epath.PathLike, data) -> None:
+  """Atomic JSON write by process 0 only: a crash never leaves a half-written file (temp file + rename for a local
+  path, one object write for gs://…)."""
   if not is_main_process():
     return
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  with os.fdopen(fd, "w", encoding="utf-8") as f:
-    json.dump(data, f, indent=2, default=str)
-  os.replace(tmp, path)
+  write_text_atomic(path, json.dumps(data, indent=2, default=str))
 
 
 TRAINING_KEYS = ("seed", "model", "data", "refine", "align")  # what a resumed run must keep unchanged
@@ -91,9 +91,10 @@ def training_stages(stages: str) -> list[str]:
   return [s.strip() for s in str(stages).split(",") if s.strip() in ("refine", "align")]
 
 
-def prepare_workdir(workdir: Path, config: ml_collections.ConfigDict) -> None:
+def prepare_workdir(workdir: epath.PathLike, config: ml_collections.ConfigDict) -> None:
   """Creates the workdir and writes config.json. A re-run resumes, so it must keep the training settings; the
   stages it runs may differ only by leaving training out (e.g. `--config.stages=evaluate` on a trained workdir)."""
+  workdir = as_path(workdir)
   config_file = workdir / "config.json"
   resolved = json.loads(config.to_json_best_effort())
   if config_file.is_file():
@@ -108,7 +109,7 @@ def prepare_workdir(workdir: Path, config: ml_collections.ConfigDict) -> None:
                       "use a new --workdir or delete it")
     if not new_training:
       resolved["stages"] = previous.get("stages")
-  workdir.mkdir(parents=True, exist_ok=True)
+  ensure_dir(workdir)
   write_json(config_file, resolved)
 
 
@@ -122,9 +123,9 @@ def _first_difference(a, b, prefix="config") -> str | None:
   return None if a == b else prefix
 
 
-def update_report(workdir: Path, section: str, key: str | None, value) -> dict:
+def update_report(workdir: epath.PathLike, section: str, key: str | None, value) -> dict:
   """Merges one entry into DIR/report.json and rewrites it atomically."""
-  path = workdir / "report.json"
+  path = as_path(workdir) / "report.json"
   report = json.loads(path.read_text()) if path.is_file() else {}
   if key is None:
     report[section] = value

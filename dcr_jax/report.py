@@ -23,15 +23,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from etils import epath
+
 from dcr_jax.errors import UserError
 from dcr_jax.evaluate.suites import SUITES, safety_score
+from dcr_jax.workdir_io import as_path, is_remote
 
 DASH = "—"
 
 
 def load_report(workdir: str | os.PathLike) -> dict[str, Any]:
-  """DIR/report.json; a missing or unreadable file is a UserError naming it."""
-  path = Path(workdir) / "report.json"
+  """DIR/report.json (DIR local or gs://…); a missing or unreadable file is a UserError naming it."""
+  path = as_path(workdir) / "report.json"
   if not path.is_file():
     raise UserError(f"{workdir}: no report.json; run `python -m dcr_jax.main --workdir={workdir}` first "
                     "or pass a run directory")
@@ -46,7 +49,8 @@ def load_report(workdir: str | os.PathLike) -> dict[str, Any]:
 
 def run_name(workdir: str | os.PathLike, report: Mapping[str, Any]) -> str:
   """report.json's ``run_name``, else the workdir's base name."""
-  return str(report.get("run_name") or Path(workdir).resolve().name)
+  path = as_path(workdir)
+  return str(report.get("run_name") or (path if is_remote(path) else path.resolve()).name)
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -154,10 +158,10 @@ def report_markdown(workdir: str | os.PathLike, report: Mapping[str, Any]) -> st
   return "\n".join(lines)
 
 
-def write_report_md(workdir: str | os.PathLike) -> Path:
-  """Writes DIR/report.md from DIR/report.json (model line, stage table, Table-1-style evaluation, per-suite and
-  per-category tables, kernels) and returns its path."""
-  path = Path(workdir) / "report.md"
+def write_report_md(workdir: str | os.PathLike) -> epath.Path:
+  """Writes DIR/report.md (DIR local or gs://…) from DIR/report.json (model line, stage table, Table-1-style
+  evaluation, per-suite and per-category tables, kernels) and returns its path."""
+  path = as_path(workdir) / "report.md"
   path.write_text(report_markdown(workdir, load_report(workdir)), encoding="utf-8")
   return path
 

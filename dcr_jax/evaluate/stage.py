@@ -5,11 +5,11 @@ Resumable: each suite's JSONL is appended batch by batch, and prompts already th
 
 from __future__ import annotations
 
+import io
 import json
-import os
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 from tqdm.auto import tqdm
 
 from dcr_jax.errors import UserError
@@ -17,6 +17,7 @@ from dcr_jax.evaluate.generate import generate
 from dcr_jax.evaluate.refusal import make_judge
 from dcr_jax.evaluate.suites import get_suite, load_suite, safety_score, suite_metrics
 from dcr_jax.weights.tokenizer import encode_chat, stop_token_ids
+from dcr_jax.workdir_io import append_text, as_path, ensure_dir, is_remote
 
 
 def suite_list(config) -> list[str]:
@@ -36,33 +37,37 @@ def prepare_evaluate(config, tokenizer, model_config) -> dict:
   return {"suites": suites, "judge": make_judge(ec.judge)}
 
 
-def _done_rows(path: Path) -> list[dict]:
-  """Rows already written; a torn last line (crash mid-write) is dropped and the file truncated to the good part."""
+def _done_rows(path: epath.PathLike) -> list[dict]:
+  """Rows already written; a torn last line (crash mid-write) is dropped and the file truncated to the good part.
+  (A remote object is written whole, so it cannot be torn; a bad tail there is cut by rewriting the object.)"""
+  path = as_path(path)
   if not path.is_file():
     return []
+  data = path.read_bytes()
   rows, good_bytes = [], 0
-  with path.open("rb") as f:
-    for line in f:
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        break
-      good_bytes += len(line)
-  if good_bytes != path.stat().st_size:
-    with path.open("r+b") as f:
-      f.truncate(good_bytes)
+  for line in io.BytesIO(data):  # split on b'\n' only, as iterating the file did
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      break
+    good_bytes += len(line)
+  if good_bytes != len(data):
+    if is_remote(path):
+      path.write_bytes(data[:good_bytes])
+    else:
+      with open(path, "r+b") as f:
+        f.truncate(good_bytes)
   return rows
 
 
-def _append(path: Path, rows: list[dict]) -> None:
+def _append(path: epath.PathLike, rows: list[dict]) -> None:
+  """Appends rows to the suite's JSONL (fsync'd locally). On gs://… the object is read and rewritten whole per batch
+  (object stores cannot append): O(rows so far) per batch, small next to a batch of generation."""
   import jax
 
   if jax.process_index() != 0:  # every process generates (the model is sharded); process 0 writes
     return
-  with path.open("a", encoding="utf-8") as f:
-    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    f.flush()
-    os.fsync(f.fileno())
+  append_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), fsync=True)
 
 
 def evaluate_suite(ctx, name: str, records: list[dict], judge, show_progress: bool = True) -> list[dict]:
@@ -70,8 +75,8 @@ def evaluate_suite(ctx, name: str, records: list[dict], judge, show_progress: bo
   from dcr_jax.evaluate.refusal_prob import refusal_probability
 
   ec = ctx.config.evaluate
-  path = ctx.workdir / "eval" / f"{name}.jsonl"
-  path.parent.mkdir(parents=True, exist_ok=True)
+  path = as_path(ctx.workdir) / "eval" / f"{name}.jsonl"
+  ensure_dir(path.parent)
   rows = _done_rows(path)
   done = {r["prompt"] for r in rows}
   todo = [r for r in records if r["prompt"] not in done]

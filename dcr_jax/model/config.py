@@ -38,6 +38,7 @@ class ModelConfig:
   scale_embeddings: bool = True  # Gemma multiplies embeddings by sqrt(embed_dim)
   tie_embeddings: bool = True
   max_position_embeddings: int = 8192
+  remat: str = "none"  # recompute block activations in the backward pass: none | full | dots (save matmul outputs)
   dtype: str = "float32"  # activation dtype
   param_dtype: str = "float32"
 
@@ -46,6 +47,8 @@ class ModelConfig:
       raise UserError(f"model.layer_types has {len(self.layer_types)} entries but num_layers={self.num_layers}")
     if self.num_heads % self.num_kv_heads:
       raise UserError(f"model.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.remat not in ("none", "full", "dots"):
+      raise UserError(f"model.remat={self.remat!r}; choose none, full or dots")
     if "local" in self.layer_types and not self.sliding_window:
       raise UserError("model.sliding_window must be set when layer_types has 'local' layers")
 

@@ -88,9 +88,10 @@ class Decoder(nnx.Module):
       x = x * jnp.asarray(cfg.embed_dim ** 0.5, cfg.dtype)
     hidden = {0: x} if 0 in wanted else {}
     new_layers = []
+    run_block = _rematerialized(cfg.remat) if cache is None else _call_block
     for i in range(depth):
       layer_cache = None if cache is None else cache["layers"][i]
-      x, layer_cache = self.layers[i](x, positions, mask, slots, layer_cache, cache_segments, write_at)
+      x, layer_cache = run_block(self.layers[i], x, positions, mask, slots, layer_cache, cache_segments, write_at)
       if self.constrain_activations is not None:
         x = self.constrain_activations(x)
       new_layers.append(layer_cache)
@@ -119,3 +120,15 @@ class Decoder(nnx.Module):
       cap = self.config.final_logit_softcap
       logits = jnp.tanh(logits / cap) * cap
     return logits
+
+
+def _call_block(block, *args):
+  return block(*args)
+
+
+def _rematerialized(policy: str):
+  """The block call, recomputed in the backward pass per `policy` (none | full | dots)."""
+  if policy == "none":
+    return _call_block
+  saveable = jax.checkpoint_policies.checkpoint_dots if policy == "dots" else None
+  return nnx.remat(_call_block, policy=saveable)

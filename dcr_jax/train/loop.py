@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -10,10 +12,12 @@ from typing import Callable
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from tqdm.auto import tqdm
 
 from dcr_jax.errors import UserError
 from dcr_jax.train.state import TrainState
+from dcr_jax.workdir_io import append_text, as_path, is_remote
 
 
 class TrainingDiverged(UserError):
@@ -21,31 +25,64 @@ class TrainingDiverged(UserError):
 
 
 class MetricsWriter:
-  """Appends one JSON line per logged step to DIR/metrics.jsonl and mirrors scalars to TensorBoard in DIR."""
+  """One JSON line per logged step in DIR/metrics.jsonl, scalars mirrored to TensorBoard in DIR/tensorboard/.
 
-  def __init__(self, workdir: Path, enabled: bool = True):
+  Local workdir: metrics.jsonl is appended to and tensorboardX's SummaryWriter writes its event file in place.
+  Remote workdir (gs://…): object stores cannot append, and tensorboardX writes gs:// only through
+  google-cloud-storage, so: the rows already in metrics.jsonl are read once, kept in memory with the new ones, and
+  the whole object is rewritten at every write (one atomic object write, O(rows) per logged step); TensorBoard
+  events are written synchronously (tensorboardX's EventsWriter, not the SummaryWriter's background thread, whose
+  flush() can miss queued events) to one event file in a local temp directory, and that file is copied whole to
+  DIR/tensorboard/ after every write.
+  """
+
+  def __init__(self, workdir: epath.PathLike, enabled: bool = True):
+    workdir = as_path(workdir)
     self.enabled = enabled
     self.path = workdir / "metrics.jsonl"
-    self.tensorboard = None
-    if enabled:
+    self.remote = is_remote(workdir)
+    self.tensorboard = None  # local: a tensorboardX SummaryWriter
+    self._rows: list[str] | None = None  # remote: metrics.jsonl's lines, loaded at the first write
+    self._tb_dir = workdir / "tensorboard"
+    self._tb_local = self._events = None  # remote: local temp dir + synchronous event writer
+    if enabled and self.remote:
+      from tensorboardX.event_file_writer import EventsWriter
+      self._tb_local = tempfile.TemporaryDirectory(prefix="dcr_tensorboard_")
+      self._events = EventsWriter(os.path.join(self._tb_local.name, "events"))
+    elif enabled:
       from tensorboardX import SummaryWriter
-      self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+      self.tensorboard = SummaryWriter(os.fspath(self._tb_dir))
 
   def write(self, stage: str, step: int, metrics: dict) -> None:
     if not self.enabled:
       return
     row = {"stage": stage, "step": step, **{k: float(v) for k, v in metrics.items()}}
-    with self.path.open("a", encoding="utf-8") as f:
-      f.write(json.dumps(row) + "\n")
+    if not self.remote:
+      append_text(self.path, json.dumps(row) + "\n")
+      for key, value in metrics.items():
+        self.tensorboard.add_scalar(f"{stage}/{key}", float(value), step)
+      self.tensorboard.flush()
+      return
+    if self._rows is None:
+      self._rows = self.path.read_text().splitlines() if self.path.is_file() else []
+    self._rows.append(json.dumps(row))
+    self.path.write_text("".join(line + "\n" for line in self._rows))
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.summary import scalar
+    now = time.time()
     for key, value in metrics.items():
-      self.tensorboard.add_scalar(f"{stage}/{key}", float(value), step)
-    self.tensorboard.flush()
+      self._events.write_event(Event(wall_time=now, step=step, summary=scalar(f"{stage}/{key}", float(value))))
+    self._events.flush()
+    for event_file in Path(self._tb_local.name).iterdir():
+      (self._tb_dir / event_file.name).write_bytes(event_file.read_bytes())
 
 
-def checkpoint_manager(directory: Path, keep: int) -> ocp.CheckpointManager:
-  """Orbax manager keeping the last `keep` checkpoints; a save is committed atomically (tmp dir then rename)."""
-  return ocp.CheckpointManager(directory.resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=keep,
-                                                                                         create=True))
+def checkpoint_manager(directory: epath.PathLike, keep: int) -> ocp.CheckpointManager:
+  """Orbax manager keeping the last `keep` checkpoints; a save is committed atomically (tmp dir then rename).
+  Orbax takes gs://… directly; only a local path is made absolute."""
+  directory = as_path(directory)
+  return ocp.CheckpointManager(directory if is_remote(directory) else directory.resolve(),
+                               options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
 
 def restore_latest(manager: ocp.CheckpointManager, state: TrainState, shardings) -> TrainState:
@@ -91,8 +128,10 @@ def train_loop(*, stage: str, step_fn: Callable, state: TrainState, batch_fn: Ca
                  "resumed_from": start, "tokens": tokens}
 
 
-def read_checkpoint(path: Path) -> dict:
+def read_checkpoint(path: epath.PathLike) -> dict:
   """A saved TrainState as nested dicts of arrays on this process's first device, whatever topology wrote it."""
+  path = as_path(path)
+  path = path if is_remote(path) else path.resolve()
   checkpointer = ocp.StandardCheckpointer()
   tree = checkpointer.metadata(path).item_metadata.tree
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

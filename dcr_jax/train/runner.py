@@ -12,6 +12,7 @@ from dcr_jax import parallel
 from dcr_jax.train.loop import checkpoint_manager, restore_latest, train_loop
 from dcr_jax.train.state import create_state
 from dcr_jax.train.steps import compile_step
+from dcr_jax.workdir_io import as_path
 
 
 class StageRun:
@@ -23,13 +24,13 @@ class StageRun:
     self.shardings = parallel.state_shardings(state, ctx.mesh)
     self.state = parallel.shard_pytree(state, self.shardings)
     ck = ctx.config.checkpoint
-    self.manager = checkpoint_manager(ctx.workdir / "checkpoints" / name, keep=ck.keep)
+    self.manager = checkpoint_manager(as_path(ctx.workdir) / "checkpoints" / name, keep=ck.keep)
     self.state = restore_latest(self.manager, self.state, self.shardings)
     self.save_every = ck.every
 
   @staticmethod
   def has_checkpoint(ctx, name: str) -> bool:
-    directory = ctx.workdir / "checkpoints" / name
+    directory = as_path(ctx.workdir) / "checkpoints" / name
     return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
   def hand_over(self) -> None:
@@ -55,12 +56,13 @@ class StageRun:
     self.state = state
     self.hand_over()
     if summary["final_loss"] is None:  # the stage had already finished: report its last logged loss
-      summary["final_loss"] = last_logged(self.ctx.workdir / "metrics.jsonl", self.name, "loss")
+      summary["final_loss"] = last_logged(as_path(self.ctx.workdir) / "metrics.jsonl", self.name, "loss")
     return summary
 
 
 def last_logged(path, stage: str, key: str):
-  """The last value of `key` logged for `stage` in metrics.jsonl, or None."""
+  """The last value of `key` logged for `stage` in metrics.jsonl (a local path or gs://…), or None."""
+  path = as_path(path)
   if not path.is_file():
     return None
   value = None

@@ -1,0 +1,69 @@
+"""Workdir file I/O through `etils.epath`, so a workdir may be a local directory or a `gs://` (or any other scheme
+epath supports, e.g. `s3://`) URI.
+
+Local paths keep the POSIX guarantees the pipeline relies on (temp file + `os.replace` for atomic rewrites, append
++ fsync for JSONL logs). Object stores have neither rename-into-place nor append, but a single object write is
+atomic, so remote rewrites are one `write_text` and remote appends read the object and write it back whole (O(size)
+per append: fine for the pipeline's JSON/JSONL files, which stay small). Object stores have no directories, so
+`ensure_dir` does nothing for them (writing an object creates its prefix).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+
+from etils import epath
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def as_path(path: epath.PathLike) -> epath.Path:
+  """`path` as an epath.Path; `gs://b/r` keeps its `//` (pathlib.Path would make it `gs:/b/r`)."""
+  return path if isinstance(path, epath.Path) else epath.Path(path)
+
+
+def is_remote(path: epath.PathLike) -> bool:
+  """True for a URI workdir (`gs://…`, `s3://…`), False for a local path."""
+  return bool(_URI.match(os.fspath(path)))
+
+
+def ensure_dir(path: epath.PathLike) -> None:
+  """mkdir -p for a local directory; nothing for an object-store prefix."""
+  if not is_remote(path):
+    as_path(path).mkdir(parents=True, exist_ok=True)
+
+
+def write_text_atomic(path: epath.PathLike, text: str) -> None:
+  """Replaces `path` with `text` so a reader never sees a half-written file: temp file + rename locally, one object
+  write (atomic per object) remotely."""
+  path = as_path(path)
+  if is_remote(path):
+    path.write_text(text, encoding="utf-8")
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.fspath(path.parent), prefix=f".{path.name}.")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, os.fspath(path))
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def append_text(path: epath.PathLike, text: str, fsync: bool = False) -> None:
+  """Appends `text` to `path`: a local append (fsync'd if asked); remotely the object is read and rewritten whole
+  (object stores cannot append), which costs O(object size) per call."""
+  path = as_path(path)
+  if is_remote(path):
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    path.write_text(old + text, encoding="utf-8")
+    return
+  with open(os.fspath(path), "a", encoding="utf-8") as f:
+    f.write(text)
+    if fsync:
+      f.flush()
+      os.fsync(f.fileno())
