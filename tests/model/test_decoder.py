@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from dcr_jax.model import Decoder, default_positions, tiny
+from helpers import random_model
 from dcr_jax.weights import export_hf
 from dcr_jax.weights.loader import load_params
 from dcr_jax.weights.sources import SafetensorsSource
@@ -16,17 +17,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 FAMILIES = ["gemma", "gemma2", "gemma3"]
-
-
-def random_model(family, seed=0):
-  """A tiny decoder with every parameter random, norms included (zero norms would hide their mapping)."""
-  model = Decoder(tiny(family), rngs=nnx.Rngs(seed))
-  state = nnx.state(model, nnx.Param)
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  leaves = [x + 0.3 * jax.random.normal(k, x.shape) if x.ndim == 1 else x for x, k in zip(leaves, keys)]
-  nnx.update(model, jax.tree.unflatten(treedef, leaves))
-  return model
 
 
 def padded_batch(vocab, lengths, total, left=False, seed=0):

@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from dcr_jax.train.loop import read_checkpoint
+from helpers import final_stage_params
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["--config=configs/tiny.py", "--config.stages=refine,align", "--config.refine.steps=4",
@@ -44,14 +44,6 @@ def launch(workdir, processes, devices_per_process, extra=()):
   return procs
 
 
-def final_align(workdir):
-  path = workdir / "checkpoints" / "align"
-  step = max(int(p.name) for p in path.iterdir() if p.name.isdigit())
-  restored = read_checkpoint(path / str(step) / "default")
-  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in
-          jax.tree_util.tree_flatten_with_path({"params": restored["params"], "frozen": restored["frozen"]})[0]}
-
-
 def losses(workdir):
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   return [(r["stage"], r["step"], r["loss"]) for r in rows]
@@ -66,7 +58,7 @@ def test_two_processes_equal_one_eight_device_process(tmp_path):
   ours, theirs = losses(tmp_path / "multi"), losses(tmp_path / "single")
   assert [r[:2] for r in ours] == [r[:2] for r in theirs]
   np.testing.assert_allclose([r[2] for r in ours], [r[2] for r in theirs], rtol=1e-5)
-  a, b = final_align(tmp_path / "multi"), final_align(tmp_path / "single")
+  a, b = final_stage_params(tmp_path / "multi"), final_stage_params(tmp_path / "single")
   assert a.keys() == b.keys()
   for key in a:
     np.testing.assert_allclose(a[key], b[key], atol=1e-4, rtol=1e-4, err_msg=key)  # Adam: ~0 grads' noise

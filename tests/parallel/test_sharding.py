@@ -15,6 +15,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from dcr_jax.errors import UserError  # noqa: E402
+from helpers import random_model as _random_model  # noqa: E402
 from dcr_jax.model import Decoder, tiny  # noqa: E402
 from dcr_jax.parallel import (  # noqa: E402
     activation_constraint, batch_sharding, local_batch_to_global, logical_to_spec, make_mesh, placement,
@@ -41,14 +42,7 @@ def test_child_has_eight_devices():
 
 
 def random_model(cfg=CONFIG, seed=0):
-  """A tiny decoder with random norms too, so a misplaced norm would change values."""
-  model = Decoder(cfg, rngs=nnx.Rngs(seed))
-  state = nnx.state(model, nnx.Param)
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  leaves = [x + 0.3 * jax.random.normal(k, x.shape) if x.ndim == 1 else x for x, k in zip(leaves, keys)]
-  nnx.update(model, jax.tree.unflatten(treedef, leaves))
-  return model
+  return _random_model(cfg, seed)
 
 
 def assert_legal(sharding: NamedSharding, shape):

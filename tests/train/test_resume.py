@@ -16,7 +16,8 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import struct
 
-from dcr_jax.train.loop import MetricsWriter, TrainingDiverged, checkpoint_manager, read_checkpoint, train_loop
+from dcr_jax.train.loop import MetricsWriter, TrainingDiverged, checkpoint_manager, train_loop
+from helpers import final_stage_params
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["--config=configs/tiny.py", "--config.refine.steps=9", "--config.align.steps=9",
@@ -37,14 +38,6 @@ def logged(workdir, stage, step) -> bool:
   return any(r["stage"] == stage and r["step"] >= step for r in rows)
 
 
-def final_params(workdir):
-  path = workdir / "checkpoints" / "align"
-  step = max(int(p.name) for p in path.iterdir() if p.name.isdigit())
-  restored = read_checkpoint(path / str(step) / "default")
-  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in
-          jax.tree_util.tree_flatten_with_path({"params": restored["params"], "frozen": restored["frozen"]})[0]}
-
-
 def test_sigkill_three_times_then_resume_is_bitwise_identical(tmp_path):
   reference = tmp_path / "reference"
   proc = start(reference)
@@ -62,7 +55,7 @@ def test_sigkill_three_times_then_resume_is_bitwise_identical(tmp_path):
     proc.wait()
   proc = start(resumed)
   assert proc.wait(timeout=600) == 0, proc.stderr.read()
-  ours, theirs = final_params(resumed), final_params(reference)
+  ours, theirs = final_stage_params(resumed), final_stage_params(reference)
   assert ours.keys() == theirs.keys()
   for key in ours:
     assert ours[key].tobytes() == theirs[key].tobytes(), (key, kills)
