@@ -127,8 +127,14 @@ def _call_block(block, *args):
 
 
 def _rematerialized(policy: str):
-  """The block call, recomputed in the backward pass per `policy` (none | full | dots)."""
+  """The block call, recomputed in the backward pass per `policy` (none | full | dots), as a pure jax.checkpoint."""
   if policy == "none":
     return _call_block
   saveable = jax.checkpoint_policies.checkpoint_dots if policy == "dots" else None
-  return nnx.remat(_call_block, policy=saveable)
+
+  def run(block, *args):
+    graphdef, state = nnx.split(block)
+    pure = jax.checkpoint(lambda state, *args: nnx.merge(graphdef, state)(*args), policy=saveable)
+    return pure(state, *args)
+
+  return run
