@@ -161,6 +161,7 @@ def main(argv=None) -> dict:
   # --- agreement (first warm-up round), then interleaved timing -------------------------------------------------
   times = {c: [] for c in CASES}
   contention = {c: [] for c in CASES}  # cores kept busy by other processes during each timed call
+  cpu_times = {c: [] for c in CASES}  # this process's CPU seconds (all threads) per timed call
   agreement = {}
   waited_s = 0.0
   with torch.inference_mode():
@@ -176,6 +177,7 @@ def main(argv=None) -> dict:
         if r >= args.warmup:
           times[case].append(after[0] - before[0])
           contention[case].append(CpuMonitor.other_cores(before, after))
+          cpu_times[case].append(after[2] - before[2])
         elif r == 0:
           results[case] = np.asarray(out, np.float32).reshape(b, -1, cfg.vocab_size)[:, -1]
         del out
@@ -191,6 +193,7 @@ def main(argv=None) -> dict:
 
   peaks.append(probe_peak())
   peak_gflops = max(pk["peak_gflops"] for pk in peaks)
+  peak_per_cpu_s = max(pk[lib]["gflops_per_cpu_s"] for pk in peaks for lib in ("jax", "torch") if lib in pk)
 
   # --- summary -----------------------------------------------------------------------------------------------
   results = {}
@@ -204,6 +207,10 @@ def main(argv=None) -> dict:
                      "best_gflops": fl / min(times[case]) / 1e9,
                      "best_fraction_of_peak": fl / min(times[case]) / 1e9 / peak_gflops,
                      "tokens_per_s": b * t / med,
+                     "cpu_s_median": statistics.median(cpu_times[case]),
+                     "gflops_per_cpu_s": fl / statistics.median(cpu_times[case]) / 1e9,
+                     "fraction_of_peak_per_cpu_s": fl / statistics.median(cpu_times[case]) / 1e9 / peak_per_cpu_s,
+                     "cpu_s": [round(x, 3) for x in cpu_times[case]],
                      "other_cores_busy": [None if c is None else round(c, 2) for c in contention[case]],
                      "other_cores_busy_median": statistics.median(busy) if busy else None}
 
@@ -211,6 +218,7 @@ def main(argv=None) -> dict:
     per_round = [a / c for a, c in zip(times[num], times[den])]
     return {"ratio_of_medians": results[num]["median_s"] / results[den]["median_s"],
             "ratio_of_mins": results[num]["min_s"] / results[den]["min_s"],
+            "ratio_of_cpu_time_medians": results[num]["cpu_s_median"] / results[den]["cpu_s_median"],
             "median_of_round_ratios": statistics.median(per_round),
             "round_ratios": [round(x, 3) for x in per_round]}
 
@@ -238,12 +246,15 @@ def main(argv=None) -> dict:
         f"({flops['last']['analytic']['total'] / 1e9:.1f} G)")
   print()
   print(format_table(
-      ["case", "median s", "min s", "max s", "GFLOP/s", "% peak", "best % peak", "tok/s", "others busy"],
+      ["case", "median s", "min s", "max s", "GFLOP/s", "% peak", "best % peak", "tok/s", "cpu s", "GFLOP/cpu-s",
+       "others busy"],
       [[LABELS[c], results[c]["median_s"], results[c]["min_s"], results[c]["max_s"], results[c]["gflops"],
         100 * results[c]["fraction_of_peak"], 100 * results[c]["best_fraction_of_peak"], results[c]["tokens_per_s"],
-        fmt_cores(results[c]["other_cores_busy_median"])] for c in CASES]))
-  print("(GFLOP/s and % peak from the median time, best % peak from the min; others busy: median cores used by other"
-        " processes during the calls)")
+        results[c]["cpu_s_median"], results[c]["gflops_per_cpu_s"], fmt_cores(results[c]["other_cores_busy_median"])]
+       for c in CASES]))
+  print("(GFLOP/s and % peak from the median time, best % peak from the min; cpu s: median CPU seconds of this process"
+        " per call, all threads, spin-waits included; GFLOP/cpu-s: FLOPs per CPU-second, to compare with the matmul "
+        f"probe's {peak_per_cpu_s:.1f}; others busy: median cores used by other processes)")
   print()
   named = [("(a) full logits: HF full / ours full", "a_full_logits__torch_full_over_ours_full", ">= 1.0"),
            ("(b) prefill: HF full / ours last", "b_prefill__torch_full_over_ours_last", ">= 2.0"),
@@ -278,7 +289,7 @@ def main(argv=None) -> dict:
                  "hf_attn_implementation": hf.config._attn_implementation},
       "machine": info,
       "load_average_end": load_end,
-      "matmul_peak": {"peak_gflops": peak_gflops, "probes": peaks},
+      "matmul_peak": {"peak_gflops": peak_gflops, "peak_gflops_per_cpu_s": peak_per_cpu_s, "probes": peaks},
       "flops": flops,
       "results": results,
       "ratios": ratios,

@@ -98,6 +98,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluate.judge = "keyword"  # keyword | openai:<base_url>:<model>
   c.evaluate.refusal_prob = True
 
+  c.kernels = ml_collections.ConfigDict()  # python -m dcr_jax.kernels
+  c.kernels.n_per_group = 4  # prompts per group (seemingly toxic, toxic, general)
+  c.kernels.top_k = 10  # |S|: top-k tokens of the base model's first-token distribution
+  c.kernels.params = "all"  # all | up_to_layer | lora | last_n
+  c.kernels.layer = 9  # for up_to_layer
+  c.kernels.last_n = 2  # for last_n
+  c.kernels.method = "jvp_vjp"  # jvp_vjp | jacobian
+  c.kernels.chunk_size = 4
+  c.kernels.max_len = 64
+
   c.distributed = ml_collections.ConfigDict()  # multi-process runs; a TPU pod is detected by itself
   c.distributed.coordinator_address = ""  # host:port of process 0
   c.distributed.num_processes = 1

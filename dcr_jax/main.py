@@ -102,7 +102,8 @@ def main(argv):
     print("error: both --config=FILE[:VARIANT] and --workdir=DIR are required", file=sys.stderr)
     sys.exit(2)
   try:
-    report = run(_CONFIG.value, epath.Path(_WORKDIR.value))
+    from dcr_jax.workdir_io import check_workdir
+    report = run(_CONFIG.value, check_workdir(_WORKDIR.value))
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

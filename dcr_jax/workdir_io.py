@@ -25,8 +25,17 @@ def as_path(path: epath.PathLike) -> epath.Path:
 
 
 def is_remote(path: epath.PathLike) -> bool:
-  """True for a URI workdir (`gs://…`, `s3://…`), False for a local path."""
+  """True for a URI workdir (`gs://…`, `s3://…`, `az://…`), False for a local path."""
   return bool(_URI.match(os.fspath(path)))
+
+
+def check_workdir(path: str) -> epath.Path:
+  """The --workdir value as an epath.Path; a URI scheme epath does not serve is a UserError naming it."""
+  try:
+    return epath.Path(path)
+  except KeyError:  # epath's registry of URI prefixes
+    from dcr_jax.errors import UserError
+    raise UserError(f"--workdir={path}: unsupported URI scheme; use a local path or gs:// (or s3://, az://)") from None
 
 
 def ensure_dir(path: epath.PathLike) -> None:

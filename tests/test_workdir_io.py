@@ -94,6 +94,21 @@ def test_main_parses_gs_workdir(monkeypatch, capsys):
   assert f"done: {RUN}/x/report.json" in capsys.readouterr().out
 
 
+def test_main_rejects_an_unsupported_scheme(monkeypatch, capsys):
+  from absl import flags
+
+  from dcr_jax import main
+
+  monkeypatch.setattr(main, "run", lambda config, workdir: pytest.fail("run reached"))
+  flags.FLAGS(["dcr_jax.main", f"--config={ROOT / 'configs' / 'tiny.py'}", "--workdir=memory://x"])
+  try:
+    with pytest.raises(SystemExit) as e:
+      main.main(["dcr_jax.main"])
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert e.value.code == 2 and "memory://x" in capsys.readouterr().err
+
+
 def test_write_json_and_update_report_on_gs(gcs):
   pipeline.write_json(epath.Path(RUN) / "demo.json", [{"a": 1}])
   assert json.loads(text(gcs, f"{RUN}/demo.json")) == [{"a": 1}]

@@ -5,6 +5,7 @@ from dcr_jax.kernels.ntk import (
     logit_kernel,
     next_token_probs,
     ntk_vector_product,
+    pairwise_kernel,
     param_filter,
     predict_one_step_change,
     response_logprob_fn,
@@ -15,5 +16,5 @@ from dcr_jax.kernels.ntk import (
 from dcr_jax.kernels.similarity import block_means, kernel_cosine, kernel_matrix, kernel_ratio
 
 __all__ = ["param_filter", "split_params", "first_token_logits_fn", "response_logprob_fn", "next_token_probs",
-           "token_set", "logit_kernel", "scalar_kernel", "ntk_vector_product", "predict_one_step_change",
-           "kernel_matrix", "kernel_ratio", "kernel_cosine", "block_means"]
+           "token_set", "logit_kernel", "scalar_kernel", "pairwise_kernel", "ntk_vector_product",
+           "predict_one_step_change", "kernel_matrix", "kernel_ratio", "kernel_cosine", "block_means"]

@@ -5,8 +5,9 @@ For a prompt x and a token set S, J_x = ∂ z_S(x) / ∂θ is the Jacobian of th
 account in PAPER.md: one SGD step on b moves a's logits by -η K(a, b) G(b). No finite differences anywhere.
 
 Model functions here are pytrees (graphdef static, the other state as leaves), so they are jit arguments rather than
-baked-in constants, and one compilation serves every chunk. Parameters may be FSDP-sharded (NamedSharding): the
-per-example gradients are constrained to the parameter sharding and only the small kernel block is reduced.
+baked-in constants, and one compilation serves every chunk. Parameters may be sharded on a mesh (NamedSharding, e.g.
+`parallel.shard_pytree(params, parallel.state_shardings(params, mesh))`, and `rest` likewise): the per-example
+gradients are constrained to the parameter sharding and only the small kernel block is reduced and fetched.
 """
 
 from __future__ import annotations
@@ -350,8 +351,3 @@ def predict_one_step_change(logp_fn, loss_fn, params, x_o, batch_u, lr: float) -
   step = jax.tree.map(lambda g: -lr * g, grads)
   return jax.jvp(lambda p: logp_fn(p, x_o), (params,), (step,))[1]
 
-
-def tree_dot(a, b) -> Array:
-  """⟨a, b⟩ summed over the leaves of two matching pytrees (e.g. two gradients)."""
-  pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b))
-  return sum(jnp.vdot(x, y, precision=jax.lax.Precision.HIGHEST) for x, y in pairs)

@@ -120,7 +120,8 @@ class Attention(nnx.Module):
       kv_slots = jnp.broadcast_to(jnp.arange(key.shape[1], dtype=jnp.int32), cache_segments.shape)
     mask = attention_mask(segments, kv_segments, slots, kv_slots, self.window)  # B T S
     q = (q * self.scale).reshape(b, t, k, n // k, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, key.astype(q.dtype)).astype(jnp.promote_types(q.dtype, jnp.float32))
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, key.astype(q.dtype))
+    logits = logits.astype(jnp.promote_types(q.dtype, jnp.float32))  # float32, float64 for float64 runs
     if self.softcap is not None:
       logits = jnp.tanh(logits / self.softcap) * self.softcap
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)

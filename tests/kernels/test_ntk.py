@@ -1,6 +1,7 @@
 """The exact first-token eNTK equals an explicit jacrev J_a J_bᵀ on every path, and predicts first-order changes.
 
 Runs in float64 (scoped to this module) on a 2-layer Gemma 3 with LoRA adapters, so every parameter subset exists.
+The sharded check (params split FSDP x tensor over 8 fake devices) is opt-in with --runslow.
 """
 
 from multidevice import EIGHT, IN_CHILD, rerun_in_child  # sets XLA_FLAGS before jax starts
@@ -10,6 +11,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from jax.tree_util import Partial  # noqa: E402
 
 from dcr_jax import parallel  # noqa: E402
@@ -241,6 +243,11 @@ def test_sharded_kernel_equals_single_device(setup, request):
   params, rest = (parallel.shard_pytree(x, parallel.state_shardings(x, mesh)) for x in (params, rest))
   assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in jax.tree.leaves(params))
   f = ntk.first_token_logits_fn(graphdef, rest)
+  shardings = ntk._param_shardings(params)
+  chunk = ntk._chunks(ntk._with_ids(setup["tokens"], setup["mask"], IDS), 2)[0]
+  rows = ntk._jacobians(Partial(ntk._restricted_logits, f), params, chunk, shardings)  # per-example gradients
+  for r, s in zip(jax.tree.leaves(rows), shardings):  # [C S ...param] keep the parameter's split
+    assert r.sharding.is_equivalent_to(NamedSharding(mesh, P(None, None, *s.spec)), r.ndim), (r.sharding, s)
   for method in ntk.METHODS:
     k = ntk.logit_kernel(f, params, setup["tokens"], setup["mask"], IDS, method=method, chunk_size=2, progress=False)
     np.testing.assert_allclose(k, kernel(setup, "lora", method, 2), rtol=1e-10, atol=0)

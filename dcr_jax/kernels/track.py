@@ -1,0 +1,120 @@
+"""Kernel similarity between prompt groups, tracked over a workdir's checkpoints (the paper's Figs. 5-6).
+
+For the base model and every kept checkpoint of `refine` and `align`: the first-token logit eNTK on a fixed token
+set S (top-k of the base model's first-token distribution), its group block means (seemingly toxic × toxic × general)
+under the paper's ratio and the symmetric cosine, and the mean refusal probability of each group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx, traverse_util
+
+from dcr_jax.data.batching import load_spec_list
+from dcr_jax.errors import UserError
+from dcr_jax.kernels import ntk, similarity
+from dcr_jax.train.loop import read_checkpoint
+from dcr_jax.weights.tokenizer import encode_chat
+
+GROUPS = ("seemingly_toxic", "toxic", "general")
+
+
+@dataclasses.dataclass
+class Probe:
+  """The fixed prompts and token set every checkpoint is measured on."""
+
+  prompts: list[str]
+  groups: list[str]
+  tokens: np.ndarray  # [N T] right-padded
+  mask: np.ndarray  # [N T]
+  ids: np.ndarray  # [S]
+
+
+def probe_prompts(config) -> tuple[list[str], list[str]]:
+  """n prompts per group (seeded) from the config's data specs: seemingly toxic, toxic, general."""
+  kc, data = config.kernels, config.data
+  specs = {"seemingly_toxic": (data.seemingly_toxic, "seemingly_toxic"), "toxic": (data.toxic, "toxic"),
+           "general": (data.general, "benign")}
+  prompts, groups = [], []
+  for group in GROUPS:
+    spec, label = specs[group]
+    records = load_spec_list(spec, label=label, n=kc.n_per_group, seed=config.seed + 17, key=f"data.{group}")
+    if not records:
+      raise UserError(f"config.data.{group} gave no prompts for the kernel probe")
+    prompts += [r["prompt"] for r in records]
+    groups += [group] * len(records)
+  return prompts, groups
+
+
+def build_probe(model, tokenizer, config) -> Probe:
+  prompts, groups = probe_prompts(config)
+  rows = [encode_chat(tokenizer, p)[0][-config.kernels.max_len:] for p in prompts]
+  width = max(len(r) for r in rows)
+  tokens = np.full((len(rows), width), tokenizer.pad_token_id, np.int32)
+  mask = np.zeros((len(rows), width), np.int32)
+  for i, r in enumerate(rows):
+    tokens[i, :len(r)], mask[i, :len(r)] = r, 1
+  graphdef, params, rest = ntk.split_params(model, "all")
+  probs = ntk.next_token_probs(ntk.first_token_logits_fn(graphdef, rest), params, tokens, mask)
+  return Probe(prompts, groups, tokens, mask, ntk.token_set(probs=probs, k=config.kernels.top_k))
+
+
+def measure(model, tokenizer, probe: Probe, config) -> dict:
+  """Kernel block means and refusal probabilities of `model` on the probe."""
+  from dcr_jax.evaluate.refusal_prob import refusal_probability
+
+  kc = config.kernels
+  kw = {"layer": kc.layer} if kc.params == "up_to_layer" else {"last_n": kc.last_n} if kc.params == "last_n" else {}
+  graphdef, params, rest = ntk.split_params(model, kc.params, **kw)
+  f = ntk.first_token_logits_fn(graphdef, rest)
+  started = time.time()
+  k = ntk.logit_kernel(f, params, probe.tokens, probe.mask, probe.ids, method=kc.method, chunk_size=kc.chunk_size,
+                       progress=jax.process_index() == 0)
+  names, ratio, counts = similarity.block_means(similarity.kernel_ratio(k), probe.groups)
+  _, cosine, _ = similarity.block_means(similarity.kernel_cosine(k), probe.groups)
+  refusal = refusal_probability(model, tokenizer, probe.prompts)
+  by_group = {g: float(np.mean([p for p, gg in zip(refusal, probe.groups) if gg == g])) for g in names}
+  return {"groups": names, "ratio": ratio.tolist(), "cosine": cosine.tolist(), "counts": counts.tolist(),
+          "refusal_prob": by_group, "seconds": round(time.time() - started, 1)}
+
+
+def checkpoints(workdir: Path, which: str) -> list[tuple[str, int]]:
+  """(stage, step) of the kept checkpoints, refine before align; `which` = all | STEP,STEP,... (align steps)."""
+  found = []
+  for stage in ("refine", "align"):
+    directory = workdir / "checkpoints" / stage
+    if directory.is_dir():
+      found += [(stage, int(p.name)) for p in sorted(directory.iterdir(), key=lambda p: (len(p.name), p.name))
+                if p.name.isdigit()]
+  if which != "all":
+    wanted = {int(s) for s in which.split(",") if s.strip()}
+    missing = wanted - {step for _, step in found}
+    if missing:
+      raise UserError(f"--checkpoints: steps {sorted(missing)} are not in {workdir}/checkpoints; "
+                      f"kept: {sorted({s for _, s in found})}")
+    found = [(stage, step) for stage, step in found if step in wanted]
+  return found
+
+
+def load_into(model, workdir: Path, stage: str, step: int) -> None:
+  """Puts a checkpoint's params (trained and frozen parts) into `model`, whose structure must match."""
+  saved = read_checkpoint(workdir / "checkpoints" / stage / str(step) / "default")
+  flat = {}
+  for part in ("params", "frozen"):
+    for path, value in traverse_util.flatten_dict(saved[part]).items():
+      keys = tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in path if k != "value")
+      flat[keys] = value
+  state = nnx.state(model, nnx.Param)
+  ours = dict(nnx.to_flat_state(state))
+  missing = [p for p in ours if p not in flat]
+  if missing:
+    raise UserError(f"{workdir}/checkpoints/{stage}/{step}: no saved value for {missing[0]}; was the model built "
+                    "with the same LoRA settings?")
+  for path, variable in ours.items():
+    variable.set_value(jax.device_put(flat[path], variable.get_value().sharding))
+  nnx.update(model, state)
