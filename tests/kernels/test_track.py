@@ -15,7 +15,7 @@ def run(module, *args):
   return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
-def test_tracks_base_and_every_checkpoint(tmp_path):
+def test_tracks_base_and_every_checkpoint_and_rejects_unknown_steps(tmp_path):
   workdir = tmp_path / "dcr"
   assert run("dcr_jax.main", *TINY, f"--workdir={workdir}").returncode == 0
   result = run("dcr_jax.kernels", *TINY, f"--workdir={workdir}")
@@ -35,10 +35,5 @@ def test_tracks_base_and_every_checkpoint(tmp_path):
   again = run("dcr_jax.kernels", *TINY, f"--workdir={workdir}", f"--compare={workdir}")
   assert again.returncode == 0, again.stderr[-2000:]
   assert json.loads((workdir / "kernels" / "similarity.json").read_text())["entries"] == json.loads(before)["entries"]
-
-
-def test_unknown_checkpoint_step_is_one_line(tmp_path):
-  workdir = tmp_path / "dcr"
-  assert run("dcr_jax.main", *TINY, f"--workdir={workdir}").returncode == 0
   result = run("dcr_jax.kernels", *TINY, f"--workdir={workdir}", "--checkpoints=3,99")
   assert result.returncode == 2 and "99" in result.stderr.strip().splitlines()[-1]
