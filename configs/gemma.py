@@ -1,9 +1,40 @@
-"""DCR on Gemma checkpoints. Select a variant with --config=configs/gemma.py:VARIANT (default gemma3-270m)."""
+"""DCR on Gemma checkpoints. Select a variant with --config=configs/gemma.py:VARIANT (default gemma3-270m).
+
+gemma3-270m runs on the embedded weights with CPU-sized steps. The other variants read `config.model.weights`
+(an HF directory or a GGUF file) and default to TPU-sized meshes and batches: FSDP over every device, batches
+that split over 8-256 chips. Size them for your slice with `python -m dcr_jax.plan` first.
+"""
 
 from dcr_jax.config import base_config
+
+# variant -> (stage-1 batch, stage-2 batch, stage-2 max_len, LoRA rank; 0 = full fine-tuning)
+TPU_SIZES = {
+    "gemma3-1b": (64, 64, 512, 0),
+    "gemma-2b": (64, 64, 512, 16),
+    "gemma2-2b": (64, 64, 512, 16),
+    "gemma3-4b": (128, 128, 512, 16),
+    "gemma-7b": (128, 128, 512, 16),
+    "gemma2-9b": (128, 128, 512, 16),
+    "gemma3-12b": (256, 256, 512, 16),
+    "gemma2-27b": (256, 256, 512, 16),
+    "gemma3-27b": (256, 256, 512, 16),
+}
 
 
 def get_config(variant: str = "gemma3-270m"):
   config = base_config()  # the variant name is checked with the rest of the config, at start
   config.model.name = variant
+  if variant in TPU_SIZES:
+    refine_batch, align_batch, max_len, lora_rank = TPU_SIZES[variant]
+    config.model.dtype = "bfloat16"
+    config.model.remat = "full"
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+    config.refine.batch_size, config.refine.max_len, config.refine.steps = refine_batch, 128, 200
+    config.align.batch_size, config.align.max_len, config.align.steps = align_batch, max_len, 1000
+    config.align.lora_rank = lora_rank
+    config.align.lr = 2e-4 if lora_rank else 2e-5
+    config.checkpoint.every, config.checkpoint.keep = 100, 3
+    config.evaluate.n = 0
+    config.evaluate.batch_size = 64
+    config.evaluate.max_new_tokens = 128
   return config
