@@ -50,23 +50,38 @@ def load_average() -> list[float] | None:
 
 
 class CpuMonitor:
-  """How busy the machine's CPUs were with *other* processes between two snapshots (Linux /proc/stat).
+  """How busy this process's CPUs were with *other* processes between two snapshots (Linux /proc/stat).
 
-  `other_cores(a, b)` = (all CPUs' busy time - this process's CPU time) / wall time, in cores. On a 2-core machine
-  0.0 means the timing ran alone and ~1.0 means another process kept one core busy throughout. Hypervisor steal
-  time counts as busy (it is time this VM's CPUs did not run us). Returns None where /proc/stat is unavailable.
+  `other_cores(a, b)` = (busy time of the CPUs this process may run on - this process's CPU time) / wall time, in
+  cores. On a 2-core machine 0.0 means the timing ran alone and ~1.0 means another process kept one core busy
+  throughout. Only the CPUs in this process's affinity mask count (so under `taskset -c 0` the other core is
+  ignored). Hypervisor steal time counts as busy (time this VM's CPUs did not run us). Returns None where
+  /proc/stat is unavailable.
   """
 
   _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
   @staticmethod
+  def _cpus() -> set[str] | None:
+    try:
+      return {f"cpu{i}" for i in os.sched_getaffinity(0)}
+    except (AttributeError, OSError):
+      return None
+
+  @staticmethod
   def snapshot() -> tuple[float, float | None, float]:
     own = os.times()
+    cpus = CpuMonitor._cpus()
     try:
-      fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-      ticks = [int(x) for x in fields]
-      # user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait
-      busy = (sum(ticks[:8]) - ticks[3] - ticks[4]) / CpuMonitor._TICK
+      busy = 0.0
+      for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if not name.startswith("cpu"):
+          break
+        if (cpus is None and name == "cpu") or (cpus is not None and name in cpus):
+          ticks = [int(x) for x in fields]
+          # user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait
+          busy += (sum(ticks[:8]) - ticks[3] - ticks[4]) / CpuMonitor._TICK
     except (OSError, ValueError, IndexError):
       busy = None
     return time.perf_counter(), busy, own.user + own.system

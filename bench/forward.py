@@ -6,9 +6,13 @@ Measures in one run, on the same random tokens [batch, seq]:
       transformers with `logits_to_keep=1`, and vs the transformers full-logits forward.
 The four cases are timed interleaved (one call of each per round, order rotated each round), so that load from
 other processes hits all of them alike; the ratio reported is median(torch) / median(ours), with the median of the
-per-round ratios next to it. FLOPs come from XLA's cost analysis of our compiled forward (cross-checked against an
+per-round ratios, the ratio of mins and the ratio of "quiet" medians (calls during which other processes used
+<= --quiet-threshold cores) next to it. Every call also records this process's CPU seconds, which, unlike wall
+time, barely depends on other load (pin with `taskset -c 0 ... --threads 1` for a clean per-core comparison; see
+bench/README.md). FLOPs come from XLA's cost analysis of our compiled forward (cross-checked against an
 analytic count) and the same count is used for torch; the fraction of peak is against this CPU's measured fp32
-matmul peak (the better of a jitted jnp.dot and torch.mm of 2048x2048, before and after the runs).
+matmul peak (the better of a jitted jnp.dot and torch.mm of 2048x2048, before and after the runs, or the probe's
+FLOPs per CPU-second times the usable cores when that is higher).
 
     .venv/bin/python bench/forward.py [--batch 8] [--seq 128] [--repeats 5] [--out bench/results/forward.json]
 """
