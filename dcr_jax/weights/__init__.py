@@ -40,7 +40,8 @@ def resolve_source(spec: str) -> tuple[ModelConfig, GGUFSource | SafetensorsSour
     return hf_config.from_hf_config(json.loads(config_file.read_text()), str(config_file)), SafetensorsSource(path)
   if path.exists():
     raise UserError(f"{path}: not a .gguf file or an HF checkpoint directory")
-  get_variant(spec) if "/" not in spec and not spec.endswith(".gguf") else None
+  if "/" not in spec and not spec.endswith(".gguf"):
+    get_variant(spec)  # a bare unknown name: the error lists the known variants
   raise UserError(f"{path}: no such file or directory")
 
 
