@@ -9,7 +9,8 @@ Measures in one run, on the same random batch [batch, seq]:
       cost analysis of the compiled step, cross-checked by an analytic count (3 x forward matmul FLOPs).
   (3) stage 1 (contrastive refine, circle loss, last-token pooling) at l = L/2 vs at l = L: with the default filter
       (embedding 262144 x 640 + blocks < l trained) and with the embedding frozen (blocks < l only), to show how much
-      of the step is the embedding's gradient and AdamW update, which do not shrink with l.
+      of the step is the embedding's gradient and AdamW update, which do not shrink with l. The l = L/2 and l = L
+      steps are timed interleaved (alternating, order rotated each round) so that both see the same contention.
 
 Every timed step records wall time, this process's CPU time, and how many cores *other* processes kept busy meanwhile
 (`common.CpuMonitor`), because the benchmark machine is often shared: read the ratios together with that column.
@@ -56,34 +57,51 @@ def wait_for_quiet(limit_s: float, threshold: float = 0.25, probe_s: float = 1.0
   return time.perf_counter() - start
 
 
-def time_steps(call: Callable[[], Any], *, warmup: int, repeats: int, quiet_wait: float = 0.0,
-               label: str = "") -> dict[str, Any]:
-  """Runs `call` (which must block until its step is done) warmup + repeats times; per-step wall, CPU, contention."""
-  walls, cpus, others, warm = [], [], [], []
+def time_interleaved(calls: dict[str, Callable[[], Any]], *, warmup: int, repeats: int, quiet_wait: float = 0.0,
+                     ) -> dict[str, dict[str, Any]]:
+  """Runs every `call` (each must block until its step is done) in rounds, warmup + repeats rounds, the order
+  rotated each round so that load from other processes hits all cases alike; per step: wall, CPU, contention."""
+  names = list(calls)
+  rec = {n: {"walls": [], "cpus": [], "others": [], "warm": []} for n in names}
   waited = 0.0
   for i in range(warmup + repeats):
     timed = i >= warmup
-    if timed and quiet_wait > 0:
-      waited += wait_for_quiet(quiet_wait)
-    before, cpu0 = CpuMonitor.snapshot(), time.process_time()
-    call()
-    after, cpu1 = CpuMonitor.snapshot(), time.process_time()
-    wall, busy = after[0] - before[0], CpuMonitor.other_cores(before, after)
-    if timed:
-      walls.append(wall)
-      cpus.append(cpu1 - cpu0)
-      others.append(busy)
-    else:
-      warm.append(wall)
-    print(f"#   {label} step {i + 1}/{warmup + repeats}{'' if timed else ' (warm-up)'}: {wall:.2f}s wall, "
-          f"{cpu1 - cpu0:.2f}s cpu, others {'?' if busy is None else f'{busy:.1f}'} cores", flush=True)
-  busy = [b for b in others if b is not None]
-  return {"median_s": statistics.median(walls), "min_s": min(walls), "max_s": max(walls),
-          "times_s": [round(x, 4) for x in walls], "warmup_times_s": [round(x, 4) for x in warm],
-          "cpu_median_s": statistics.median(cpus), "cpu_times_s": [round(x, 4) for x in cpus],
-          "other_cores_busy": [None if b is None else round(b, 2) for b in others],
-          "other_cores_busy_median": statistics.median(busy) if busy else None,
-          "quiet_waited_s": waited, "warmup": warmup, "repeats": repeats}
+    order = names[i % len(names):] + names[:i % len(names)]
+    for name in order:
+      if timed and quiet_wait > 0:
+        waited += wait_for_quiet(quiet_wait)
+      before, cpu0 = CpuMonitor.snapshot(), time.process_time()
+      calls[name]()
+      after, cpu1 = CpuMonitor.snapshot(), time.process_time()
+      wall, busy = after[0] - before[0], CpuMonitor.other_cores(before, after)
+      r = rec[name]
+      if timed:
+        r["walls"].append(wall)
+        r["cpus"].append(cpu1 - cpu0)
+        r["others"].append(busy)
+      else:
+        r["warm"].append(wall)
+      print(f"#   {name} step {i + 1}/{warmup + repeats}{'' if timed else ' (warm-up)'}: {wall:.2f}s wall, "
+            f"{cpu1 - cpu0:.2f}s cpu, others {'?' if busy is None else f'{busy:.1f}'} cores", flush=True)
+  out = {}
+  for name, r in rec.items():
+    busy = [b for b in r["others"] if b is not None]
+    out[name] = {"median_s": statistics.median(r["walls"]), "min_s": min(r["walls"]), "max_s": max(r["walls"]),
+                 "times_s": [round(x, 4) for x in r["walls"]], "warmup_times_s": [round(x, 4) for x in r["warm"]],
+                 "cpu_median_s": statistics.median(r["cpus"]), "cpu_times_s": [round(x, 4) for x in r["cpus"]],
+                 "other_cores_busy": [None if b is None else round(b, 2) for b in r["others"]],
+                 "other_cores_busy_median": statistics.median(busy) if busy else None,
+                 "quiet_waited_s": waited, "warmup": warmup, "repeats": repeats,
+                 "interleaved_with": [n for n in names if n != name]}
+  return out
+
+
+def time_steps(call: Callable[[], Any], *, warmup: int, repeats: int, quiet_wait: float = 0.0,
+               label: str = "") -> dict[str, Any]:
+  """`time_interleaved` for one case."""
+  res = time_interleaved({label: call}, warmup=warmup, repeats=repeats, quiet_wait=quiet_wait)[label]
+  res.pop("interleaved_with")
+  return res
 
 
 def align_batch(vocab: int, b: int, t: int, seed: int):
@@ -167,37 +185,46 @@ def run_ours(args, model, cfg, phases: dict, rss: dict) -> dict:
     # the step donates its state; copy the weights so every case starts from the loaded model
     return nnx.merge(graphdef_m, jax.tree.map(jnp.copy, master))
 
-  def run_case(name: str, make_step: Callable, trainable, batch: dict, warmup: int, repeats: int,
-               flops_analytic: dict) -> dict:
+  def prepare(name: str, make_step: Callable, trainable, batch: dict) -> dict:
     print(f"# {name}: compiling", flush=True)
     graphdef, state = create_state(fresh_model(), trainable, optimizer, args.seed)
     n_trained = sum(x.size for x in jax.tree.leaves(state.params))
     step = make_step(graphdef, optimizer)
     t0 = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
-    holder = {"state": state, "losses": []}
+    case = {"state": state, "losses": [], "compiled": compiled, "compile_s": time.perf_counter() - t0,
+            "trained_params": int(n_trained)}
 
     def call():
-      holder["state"], metrics = compiled(holder["state"], batch)
-      holder["losses"].append(float(metrics["loss"]))  # blocks until the step is done
+      case["state"], metrics = compiled(case["state"], batch)
+      case["losses"].append(float(metrics["loss"]))  # blocks until the step is done
 
-    timing = time_steps(call, warmup=warmup, repeats=repeats, quiet_wait=args.quiet_wait, label=name)
-    cost = xla_cost(compiled)
-    losses = holder["losses"]
-    del holder, compiled, state
+    case["call"] = call
+    return case
+
+  def finish(name: str, case: dict, timing: dict, flops_analytic: dict) -> dict:
+    cost = xla_cost(case["compiled"])
+    meta = {"compile_s": case["compile_s"], "trained_params": case["trained_params"],
+            "loss_first_step": case["losses"][0], "losses": case["losses"]}
+    case.clear()  # drops the state and the executable
     flops = cost["flops"] or flops_analytic["total"]
     rss[f"after_{name}"] = peak_rss_mib()
-    return {**timing, "compile_s": compile_s, "trained_params": int(n_trained), "xla_cost": cost,
-            "flops_analytic": flops_analytic, "flops_used": flops, "gflops": flops / timing["median_s"] / 1e9,
-            "gflops_per_cpu_s": flops / timing["cpu_median_s"] / 1e9, "loss_first_step": losses[0],
-            "losses": losses}
+    return {**timing, **meta, "xla_cost": cost, "flops_analytic": flops_analytic, "flops_used": flops,
+            "gflops": flops / timing["median_s"] / 1e9, "gflops_per_cpu_s": flops / timing["cpu_median_s"] / 1e9}
+
+  def run_group(specs: dict[str, tuple], batch: dict, warmup: int, repeats: int) -> dict[str, dict]:
+    """specs: name -> (make_step, trainable, flops_analytic); the cases' steps are timed interleaved."""
+    cases = {name: prepare(name, make, trainable, batch) for name, (make, trainable, _) in specs.items()}
+    timings = time_interleaved({n: c["call"] for n, c in cases.items()}, warmup=warmup, repeats=repeats,
+                               quiet_wait=args.quiet_wait)
+    return {name: finish(name, cases[name], timings[name], specs[name][2]) for name in specs}
 
   if "stage2" in phases:
     batch = {k: jnp.asarray(v) for k, v in align_batch(cfg.vocab_size, b, t, args.seed).items()}
-    out["stage2_full"] = run_case(
-        "ours_stage2_full", lambda g, o: make_align_step(g, o, grad_accum=1), trainable_filter("full"), batch,
-        args.warmup, args.repeats, analytic_flops(cfg, b, t, depth=cfg.num_layers, head=True))
+    res = run_group({"ours_stage2_full": (lambda g, o: make_align_step(g, o, grad_accum=1), trainable_filter("full"),
+                                          analytic_flops(cfg, b, t, depth=cfg.num_layers, head=True))},
+                    batch, args.warmup, args.repeats)
+    out["stage2_full"] = res["ours_stage2_full"]
     del batch
 
   if "stage1" in phases:
@@ -209,15 +236,18 @@ def run_ours(args, model, cfg, phases: dict, rss: dict) -> dict:
         return isinstance(variable, nnx.Param) and path[0] == "layers" and int(path[1]) < layer
       return keep
 
-    for layer in (half, cfg.num_layers):
-      for frozen_emb in (False, True):
-        name = f"ours_stage1_l{layer}{'_frozen_emb' if frozen_emb else ''}"
-        make = (lambda l: lambda g, o: make_refine_step(g, o, layers=[l], pooling="last", loss="circle",
-                                                        loss_kwargs={"margin": 0.25, "gamma": 64.0}))(layer)
-        out[name[5:]] = run_case(name, make, blocks_only(layer) if frozen_emb else layers_up_to(layer), batch,
-                                 args.s1_warmup, args.s1_repeats,
-                                 analytic_flops(cfg, b, t, depth=layer, head=False))
-        out[name[5:]].update({"layer": layer, "embedding_trained": not frozen_emb})
+    def make(layer):
+      return lambda g, o: make_refine_step(g, o, layers=[layer], pooling="last", loss="circle",
+                                           loss_kwargs={"margin": 0.25, "gamma": 64.0})
+
+    # l = L/2 and l = L are timed interleaved (same contention), first with the embedding trained, then frozen
+    for frozen_emb in (False, True):
+      suffix = "_frozen_emb" if frozen_emb else ""
+      specs = {f"ours_stage1_l{layer}{suffix}": (make(layer), blocks_only(layer) if frozen_emb else layers_up_to(layer),
+                                                 analytic_flops(cfg, b, t, depth=layer, head=False))
+               for layer in (half, cfg.num_layers)}
+      for name, res in run_group(specs, batch, args.s1_warmup, args.s1_repeats).items():
+        out[name[5:]] = {**res, "layer": int(name.split("_l")[1].split("_")[0]), "embedding_trained": not frozen_emb}
     del batch
   return out
 
