@@ -242,3 +242,15 @@ def write_json(path: str | os.PathLike, data: dict) -> Path:
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
   return path
+
+
+def wait_for_quiet(limit_s: float, threshold: float = 0.25, probe_s: float = 1.0) -> float:
+  """Sleeps until other processes use under `threshold` cores over a `probe_s` window, or `limit_s` passed."""
+  start = time.perf_counter()
+  while time.perf_counter() - start < limit_s:
+    a = CpuMonitor.snapshot()
+    time.sleep(probe_s)
+    other = CpuMonitor.other_cores(a, CpuMonitor.snapshot())
+    if other is None or other < threshold:
+      break
+  return time.perf_counter() - start

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (CpuMonitor, format_table, load_average, machine_info, matmul_peak,  # noqa: E402
-                    peak_rss_mib, write_json)
+                    peak_rss_mib, wait_for_quiet, write_json)
 
 CASES = ("ours_full", "torch_full", "ours_last", "torch_last")
 LABELS = {
@@ -42,18 +42,6 @@ LABELS = {
 
 def fmt_cores(x: float | None) -> str:
   return "?" if x is None else f"{x:.1f}"
-
-
-def wait_for_quiet(limit_s: float, threshold: float = 0.25, probe_s: float = 1.0) -> float:
-  """Sleeps until other processes use under `threshold` cores over a `probe_s` window, or `limit_s` passed."""
-  start = time.perf_counter()
-  while time.perf_counter() - start < limit_s:
-    a = CpuMonitor.snapshot()
-    time.sleep(probe_s)
-    other = CpuMonitor.other_cores(a, CpuMonitor.snapshot())
-    if other is None or other < threshold:
-      break
-  return time.perf_counter() - start
 
 
 def analytic_flops(cfg, batch: int, seq: int, last_only: bool) -> dict[str, float]:

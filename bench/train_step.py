@@ -36,25 +36,13 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (CpuMonitor, format_table, load_average, machine_info, matmul_peak,  # noqa: E402
-                    peak_rss_mib, write_json)
+                    peak_rss_mib, wait_for_quiet, write_json)
 
 LR, WEIGHT_DECAY, CLIP = 1e-5, 0.01, 1.0
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # shared pieces
-
-
-def wait_for_quiet(limit_s: float, threshold: float = 0.25, probe_s: float = 1.0) -> float:
-  """Sleeps until other processes use under `threshold` cores over a `probe_s` window, or `limit_s` passed."""
-  start = time.perf_counter()
-  while time.perf_counter() - start < limit_s:
-    a = CpuMonitor.snapshot()
-    time.sleep(probe_s)
-    other = CpuMonitor.other_cores(a, CpuMonitor.snapshot())
-    if other is None or other < threshold:
-      break
-  return time.perf_counter() - start
 
 
 def time_interleaved(calls: dict[str, Callable[[], Any]], *, warmup: int, repeats: int, quiet_wait: float = 0.0,
