@@ -398,6 +398,12 @@ def main(argv=None) -> dict:
     r["fraction_of_peak"] = r["gflops"] / peak_gflops
     r["best_fraction_of_peak"] = r["flops_used"] / r["min_s"] / 1e9 / peak_gflops
     r["cpu_time_fraction_of_jax_dot"] = r["gflops_per_cpu_s"] / peak_per_cpu_s
+    # the peak probe whose contention was closest to this case's (a step that ran on one free core compared with
+    # a matmul that had both cores, or the reverse, says more about the neighbours than about the step)
+    if r["other_cores_busy_median"] is not None and all(pk["other_cores_busy"] is not None for pk in peaks):
+      near = min(peaks, key=lambda pk: abs(pk["other_cores_busy"] - r["other_cores_busy_median"]))
+      r["fraction_of_peak_same_contention"] = r["gflops"] / near["peak_gflops"]
+      r["same_contention_peak"] = {"gflops": near["peak_gflops"], "other_cores_busy": near["other_cores_busy"]}
 
   # --- summary -----------------------------------------------------------------------------------------------------
   summary: dict[str, Any] = {}
@@ -410,6 +416,9 @@ def main(argv=None) -> dict:
       summary["trained_params_ours_vs_torch"] = [ours2["trained_params"], torch2["trained_params"]]
   if ours2:
     summary["stage2_fraction_of_peak"] = ours2["fraction_of_peak"]
+    if "fraction_of_peak_same_contention" in ours2:
+      summary["stage2_fraction_of_peak_same_contention"] = ours2["fraction_of_peak_same_contention"]
+    summary["stage2_cpu_time_fraction_of_jax_dot"] = ours2["cpu_time_fraction_of_jax_dot"]
   s1 = {k: v for k, v in results.items() if k.startswith("stage1")}
   if s1:
     half = min(v["layer"] for v in s1.values())
@@ -456,7 +465,11 @@ def main(argv=None) -> dict:
           f"{6 * fa['params_in_matmuls'] * args.batch * args.seq / 1e9:.1f} G")
     print(f"stage-2 ours: {ours2['gflops']:.1f} GFLOP/s = {100 * ours2['fraction_of_peak']:.1f}% of peak "
           f"(best step {100 * ours2['best_fraction_of_peak']:.1f}%); per CPU-second {ours2['gflops_per_cpu_s']:.1f} "
-          f"GFLOP = {100 * ours2['cpu_time_fraction_of_jax_dot']:.1f}% of the jax dot's; first-step loss "
+          f"GFLOP = {100 * ours2['cpu_time_fraction_of_jax_dot']:.1f}% of the jax dot's"
+          + (f"; vs the peak probe at the closest contention ({ours2['same_contention_peak']['gflops']:.1f} GFLOP/s, "
+             f"others {ours2['same_contention_peak']['other_cores_busy']:.1f}): "
+             f"{100 * ours2['fraction_of_peak_same_contention']:.1f}%" if "same_contention_peak" in ours2 else "")
+          + f"; first-step loss "
           f"{ours2['loss_first_step']:.4f}")
   if torch2:
     print(f"torch step parts (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in torch2["parts_median_s"].items())
@@ -464,7 +477,10 @@ def main(argv=None) -> dict:
           f"torch process peak RSS {torch2['peak_rss_mib'] or float('nan'):.0f} MiB")
   print()
   print(format_table(["ratio", "value", "goal"], [[k, v, {"stage2_torch_over_ours": ">= 1.5",
-                                                         "stage2_fraction_of_peak": ">= 0.70"}.get(k, "")]
+                                                         "stage2_fraction_of_peak": ">= 0.70",
+                                                         "stage2_fraction_of_peak_same_contention": "(>= 0.70)",
+                                                         "stage2_cpu_time_fraction_of_jax_dot": "(>= 0.70)",
+                                                         }.get(k, "")]
                                                    for k, v in summary.items() if isinstance(v, float)]))
   print(f"\npeak RSS (ours, cumulative): " + ", ".join(f"{k} {v:.0f} MiB" for k, v in rss.items())
         + (f"; load ours {load_ours_s:.1f}s" if load_ours_s else ""))
