@@ -433,6 +433,8 @@ def main(argv=None) -> dict:
     goals["stage2_ratio_ge_1.5"] = summary["stage2_torch_over_ours"] >= 1.5
   if "stage2_fraction_of_peak" in summary:
     goals["stage2_fraction_of_peak_ge_0.7"] = summary["stage2_fraction_of_peak"] >= 0.7
+  busy = [r["other_cores_busy_median"] for r in (ours2, torch2) if r and r["other_cores_busy_median"] is not None]
+  contended = bool(busy) and max(busy) > 0.3
   load_end = load_average()
   total_s = time.perf_counter() - t_start
 
@@ -486,6 +488,11 @@ def main(argv=None) -> dict:
         + (f"; load ours {load_ours_s:.1f}s" if load_ours_s else ""))
   print("goals: " + ", ".join(f"{k}: {'MET' if v else 'NOT MET'}" for k, v in goals.items())
         + f"; bench took {total_s:.0f}s")
+  if contended:
+    print(f"WARNING: other processes kept ~{max(busy):.1f} cores busy during the stage-2 steps. torch's OpenMP threads "
+          "slow down far more than XLA's when a core is taken (on this 2-core machine the torch step went from 12.3 s "
+          "idle to 48-54 s with one core busy, ours from 14.7 s to 28-44 s), so the torch/ours ratio measured under "
+          "contention overstates dcr_jax's advantage; rerun on an idle machine (--quiet-wait helps).")
 
   report = {
       "bench": "train_step",
@@ -500,6 +507,7 @@ def main(argv=None) -> dict:
       "results": results,
       "summary": summary,
       "goals": goals,
+      "contended": contended,
       "peak_rss_mib": rss,
       "load_ours_s": load_ours_s,
       "total_s": total_s,

@@ -170,8 +170,10 @@ def masked_cross_entropy(logits: Array, targets: Array, mask: Array) -> tuple[Ar
   Computed in (at least) float32; the mean runs over tokens with ``mask == 1`` and is 0 when there are none.
   ``num_tokens`` is the float count of those tokens (for token-weighted averaging across batches).
   """
-  log_probs = jax.nn.log_softmax(logits.astype(_compute_dtype(logits)), axis=-1)
-  nll = -jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]  # [B, T]
+  logits = logits.astype(_compute_dtype(logits))
+  # logsumexp minus the target logit: no [B T V] log-prob array and no scatter in the backward pass
+  hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets[..., None].astype(jnp.int32)
+  nll = jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)  # [B, T]
   weights = mask.astype(nll.dtype)
   num_tokens = jnp.sum(weights)
   return jnp.sum(nll * weights) / jnp.maximum(num_tokens, 1.0), num_tokens
