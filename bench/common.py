@@ -254,3 +254,10 @@ def wait_for_quiet(limit_s: float, threshold: float = 0.25, probe_s: float = 1.0
     if other is None or other < threshold:
       break
   return time.perf_counter() - start
+
+
+def banner(info: dict, torch_threads: int) -> str:
+  """One line naming the machine, versions, torch threads and load, printed at the top of every bench."""
+  v = info["versions"]
+  return (f"# {info['cpu']} x{info['cpu_count']} | jax {v['jax']} | torch {v['torch']} ({torch_threads} threads) | "
+          f"transformers {v['transformers']} | load {info['load_average_at_start']}")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (CpuMonitor, format_table, load_average, machine_info, matmul_peak,  # noqa: E402
+from common import (CpuMonitor, banner, format_table, load_average, machine_info, matmul_peak,  # noqa: E402
                     peak_rss_mib, wait_for_quiet, write_json)
 
 CASES = ("ours_full", "torch_full", "ours_last", "torch_last")
@@ -82,9 +82,7 @@ def main(argv=None) -> dict:
 
   torch.set_num_threads(args.threads)
   info = machine_info()
-  print(f"# {info['cpu']} x{info['cpu_count']} | jax {info['versions']['jax']} | torch {info['versions']['torch']} "
-        f"({torch.get_num_threads()} threads) | transformers {info['versions']['transformers']} | "
-        f"load {info['load_average_at_start']}", flush=True)
+  print(banner(info, torch.get_num_threads()), flush=True)
 
   def probe_peak() -> dict:
     before = CpuMonitor.snapshot()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CpuMonitor, format_table, load_average, machine_info, peak_rss_mib, write_json  # noqa: E402
+from common import CpuMonitor, banner, format_table, load_average, machine_info, peak_rss_mib, write_json  # noqa: E402
 
 CONTENDED_CORES = 0.3
 CONTENTION_WARNING = (
@@ -74,9 +74,7 @@ def main(argv=None) -> dict:
 
   torch.set_num_threads(args.threads)
   info = machine_info()
-  print(f"# {info['cpu']} x{info['cpu_count']} | jax {info['versions']['jax']} | torch {info['versions']['torch']} "
-        f"({torch.get_num_threads()} threads) | transformers {info['versions']['transformers']} | "
-        f"load {info['load_average_at_start']}", flush=True)
+  print(banner(info, torch.get_num_threads()), flush=True)
   rss = {}
 
   # --- ours ----------------------------------------------------------------------------------------------------------
