@@ -28,6 +28,7 @@ def get_config(variant: str = "gemma3-270m"):
     refine_batch, align_batch, max_len, lora_rank = TPU_SIZES[variant]
     config.model.dtype = "bfloat16"
     config.model.remat = "full"
+    config.model.scan_layers = True
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
     config.refine.batch_size, config.refine.max_len, config.refine.steps = refine_batch, 128, 200
     config.align.batch_size, config.align.max_len, config.align.steps = align_batch, max_len, 1000

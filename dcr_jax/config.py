@@ -22,6 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"
   c.model.random_init = False  # random weights of the named shape (tests, planning)
   c.model.remat = "none"  # none | full | dots: recompute block activations in the backward pass
+  c.model.scan_layers = False  # stack the blocks' params and run them with jax.lax.scan (compile time at 7B+)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1

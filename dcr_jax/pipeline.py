@@ -12,7 +12,7 @@ from etils import epath
 from flax import nnx
 
 from dcr_jax.errors import UserError
-from dcr_jax.model import Decoder, ModelConfig, get_variant, tiny
+from dcr_jax.model import Decoder, ModelConfig, get_variant, stack_layers, tiny
 from dcr_jax.weights import load_model
 from dcr_jax.weights.tokenizer import tiny_tokenizer
 from dcr_jax.workdir_io import as_path, ensure_dir, write_text_atomic
@@ -45,7 +45,8 @@ def builtin_corpus() -> list[str]:
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   """The architecture named by config.model.name (`tiny-<family>` for random-init tiny models)."""
   name = config.model.name
-  common = dict(dtype=config.model.dtype, param_dtype=config.model.dtype, remat=config.model.remat)
+  common = dict(dtype=config.model.dtype, param_dtype=config.model.dtype, remat=config.model.remat,
+                scan_layers=config.model.scan_layers)
   if name.startswith("tiny-"):
     return tiny(name[len("tiny-"):], **common)
   return get_variant(name).replace(**common)
@@ -69,6 +70,8 @@ def build_model(config: ml_collections.ConfigDict, mesh=None) -> tuple[Decoder, 
   model, tokenizer = load_model(spec, place=place, dtype=config.model.dtype,
                                 tokenizer=config.model.tokenizer or None, progress=is_main_process())
   model.config = model.config.replace(remat=config.model.remat)
+  if config.model.scan_layers:
+    model = stack_layers(model, place=place)
   return model, tokenizer
 
 

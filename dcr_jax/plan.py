@@ -138,7 +138,7 @@ def plan(config, devices: int) -> dict:
   config_lib.check_batches(config, stages, mesh)
   model_config = model_config_of(config)
   out = {"model": config.model.name, "devices": devices, "mesh": dict(mesh.shape), "remat": model_config.remat,
-         "stages": {}}
+         "scan_layers": model_config.scan_layers, "stages": {}}
   for stage in stages:
     out["stages"][stage] = plan_stage(stage, config, model_config, mesh)
   return out
@@ -159,7 +159,8 @@ def main(argv):
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  print(f"{result['model']} on {result['devices']} devices, mesh {result['mesh']}, remat={result['remat']}")
+  print(f"{result['model']} on {result['devices']} devices, mesh {result['mesh']}, remat={result['remat']}, "
+        f"scan_layers={result['scan_layers']}")
   print("| stage | params | optimizer | temporaries | peak (args + temps) | TFLOP/step | compile s |")
   print("|---|---|---|---|---|---|---|")
   for stage, r in result["stages"].items():

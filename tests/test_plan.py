@@ -44,10 +44,12 @@ def test_plan_every_variant(variant, tmp_path):
 
 
 @pytest.mark.slow
-def test_remat_lowers_gemma_7b_temporaries(tmp_path):
-  base = run_plan("gemma-7b", 8, "--config.mesh.data=1", "--config.mesh.fsdp=8", tmp_path=tmp_path)
-  remat = run_plan("gemma-7b", 8, "--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.model.remat=full",
-                   tmp_path=tmp_path)
+@pytest.mark.parametrize("scan", [True, False])
+def test_remat_lowers_gemma_7b_temporaries(scan, tmp_path):
+  common = ("--config.mesh.data=1", "--config.mesh.fsdp=8", f"--config.model.scan_layers={scan}")
+  base = run_plan("gemma-7b", 8, *common, "--config.model.remat=none", tmp_path=tmp_path)
+  remat = run_plan("gemma-7b", 8, *common, "--config.model.remat=full", tmp_path=tmp_path)
+  assert base["scan_layers"] == remat["scan_layers"] == scan
   assert remat["stages"]["align"]["temp_bytes"] < base["stages"]["align"]["temp_bytes"]
 
 

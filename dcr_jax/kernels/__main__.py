@@ -30,6 +30,7 @@ def track(config, workdir: Path, which: str, compare: list[Path]) -> dict:
   from dcr_jax.config import validate
   from dcr_jax.kernels import plots
   from dcr_jax.kernels.track import build_probe, checkpoints, load_into, measure
+  from dcr_jax.model import unstack_layers
   from dcr_jax.model.lora import attach_lora
 
   validate(config)
@@ -59,7 +60,8 @@ def track(config, workdir: Path, which: str, compare: list[Path]) -> dict:
                   targets=[t for t in config.align.lora_targets.split(",") if t], rngs=nnx.Rngs(0))
     if stage != "base":
       load_into(model, workdir, stage, step)
-    entry = {"label": label, "stage": stage, "step": step, **measure(model, tokenizer, probe, config)}
+    entry = {"label": label, "stage": stage, "step": step,
+             **measure(unstack_layers(model), tokenizer, probe, config)}  # layer subsets need one Block per layer
     result["entries"].append(entry)
     pipeline.write_json(path, result)
     plots.heatmap(entry, out_dir / f"heatmap-{label}.png")

@@ -72,7 +72,11 @@ def param_filter(kind: str, *, layer: int | None = None, last_n: int | None = No
 
 def split_params(model: nnx.Module, kind: str = "all", **kw) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
   """(graphdef, params, rest): `params` is the subset `kind` (see `param_filter`), `rest` everything else."""
-  keep = param_filter(kind, config=getattr(model, "config", None), **kw)
+  config = getattr(model, "config", None)
+  if kind in ("up_to_layer", "last_n") and getattr(config, "scan_layers", False):
+    raise UserError(f"kernels: subset {kind!r} selects single layers; pass dcr_jax.model.unstack_layers(model) "
+                    "instead of a scan_layers model")
+  keep = param_filter(kind, config=config, **kw)
   graphdef, params, rest = nnx.split(model, keep, ...)
   if not jax.tree.leaves(params):
     hint = " (attach adapters first: dcr_jax.model.lora.attach_lora)" if kind == "lora" else ""

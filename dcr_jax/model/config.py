@@ -39,6 +39,7 @@ class ModelConfig:
   tie_embeddings: bool = True
   max_position_embeddings: int = 8192
   remat: str = "none"  # recompute block activations in the backward pass: none | full | dots (save matmul outputs)
+  scan_layers: bool = False  # one Block with params stacked on a leading layer axis, run by jax.lax.scan
   dtype: str = "float32"  # activation dtype
   param_dtype: str = "float32"
 

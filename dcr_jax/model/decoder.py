@@ -11,7 +11,7 @@ from flax import nnx
 
 from dcr_jax.errors import UserError
 from dcr_jax.model.config import ModelConfig
-from dcr_jax.model.layers import Block, RMSNorm, param
+from dcr_jax.model.layers import Block, LayerSpec, RMSNorm, layer_specs, param
 
 Array = jax.Array
 
@@ -38,7 +38,8 @@ class Decoder(nnx.Module):
     pd = jnp.dtype(config.param_dtype)
     init = nnx.initializers.normal(stddev=1.0 / np.sqrt(config.embed_dim))
     self.embedding = param(init(rngs.params(), (config.vocab_size, config.embed_dim), pd), ("vocab", "embed"))
-    self.layers = nnx.List([Block(config, i, rngs=rngs) for i in range(config.num_layers)])
+    blocks = [Block(config, rngs=rngs) for _ in range(config.num_layers)]
+    self.layers = stack_blocks(blocks) if config.scan_layers else nnx.List(blocks)
     self.final_norm = RMSNorm(config.embed_dim, eps=config.norm_eps, offset=config.norm_scale_offset, param_dtype=pd)
     if not config.tie_embeddings:
       self.head = param(init(rngs.params(), (config.embed_dim, config.vocab_size), pd), ("embed", "vocab"))
@@ -87,16 +88,22 @@ class Decoder(nnx.Module):
     if cfg.scale_embeddings:
       x = x * jnp.asarray(cfg.embed_dim ** 0.5, cfg.dtype)
     hidden = {0: x} if 0 in wanted else {}
-    new_layers = []
-    run_block = _rematerialized(cfg.remat) if cache is None else _call_block
-    for i in range(depth):
-      layer_cache = None if cache is None else cache["layers"][i]
-      x, layer_cache = run_block(self.layers[i], x, positions, mask, slots, layer_cache, cache_segments, write_at)
-      if self.constrain_activations is not None:
-        x = self.constrain_activations(x)
-      new_layers.append(layer_cache)
-      if i + 1 in wanted:
-        hidden[i + 1] = x
+    specs = layer_specs(cfg)
+    if cfg.scan_layers and cache is None:
+      x, hidden = self._scan_blocks(x, specs, depth, wanted, hidden, positions, mask, slots)
+      new_layers = []
+    else:
+      new_layers = []
+      run_block = _rematerialized(cfg.remat) if cache is None else _call_block
+      for i in range(depth):
+        layer_cache = None if cache is None else cache["layers"][i]
+        x, layer_cache = run_block(self.block(i), x, specs[i], positions, mask, slots, layer_cache, cache_segments,
+                                   write_at)
+        if self.constrain_activations is not None:
+          x = self.constrain_activations(x)
+        new_layers.append(layer_cache)
+        if i + 1 in wanted:
+          hidden[i + 1] = x
 
     new_cache = None
     if cache is not None:
@@ -112,6 +119,37 @@ class Decoder(nnx.Module):
       return logits
     return DecoderOutput(logits, hidden, new_cache)
 
+  def block(self, i: int) -> Block:
+    """Layer i as a Block (a slice of the stacked params when `scan_layers`)."""
+    if not self.config.scan_layers:
+      return self.layers[i]
+    graphdef, state = nnx.split(self.layers)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+
+  def _scan_blocks(self, x, specs, depth, wanted, hidden, positions, mask, slots):
+    """Blocks < depth under jax.lax.scan over the stacked params, split at the layers whose output is wanted."""
+    graphdef, state = nnx.split(self.layers)
+    per_layer = (jnp.asarray([2 ** 30 if s.window is None else s.window for s in specs], jnp.int32),
+                 jnp.stack([s.inv_freq for s in specs]))
+    constrain = self.constrain_activations
+
+    def body(x, layer):
+      params, window, inv_freq = layer
+      x, _ = nnx.merge(graphdef, params)(x, LayerSpec(window, inv_freq), positions, mask, slots)
+      return (x if constrain is None else constrain(x)), None
+
+    if self.config.remat != "none":
+      body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.config.remat], prevent_cse=False)
+    start = 0
+    for end in sorted({l for l in wanted if l > 0} | {depth}):
+      if end > start:
+        xs = jax.tree.map(lambda a: a[start:end], (state, *per_layer))
+        x, _ = jax.lax.scan(body, x, xs)
+      if end in wanted:
+        hidden[end] = x
+      start = end
+    return x, hidden
+
   def logits(self, x: Array) -> Array:
     """Final-normed hidden [..., D] -> float32 logits [..., V] (float64 for float64 activations), soft-capped."""
     head = self.embedding[...].T if self.config.tie_embeddings else self.head[...]
@@ -126,11 +164,14 @@ def _call_block(block, *args):
   return block(*args)
 
 
+_REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
+
+
 def _rematerialized(policy: str):
   """The block call, recomputed in the backward pass per `policy` (none | full | dots), as a pure jax.checkpoint."""
   if policy == "none":
     return _call_block
-  saveable = jax.checkpoint_policies.checkpoint_dots if policy == "dots" else None
+  saveable = _REMAT_POLICIES[policy]
 
   def run(block, *args):
     graphdef, state = nnx.split(block)
@@ -138,3 +179,59 @@ def _rematerialized(policy: str):
     return pure(state, *args)
 
   return run
+
+
+def _with_axes(state: nnx.State, edit) -> nnx.State:
+  """`state` with every Variable's logical axes replaced by `edit(axes)` (None stays None)."""
+  for _, var in nnx.to_flat_state(state):
+    axes = var.get_metadata().get("logical_axes")
+    if axes is not None:
+      var.set_metadata("logical_axes", edit(tuple(axes)))
+  return state
+
+
+def stack_blocks(blocks: Sequence[Block]) -> Block:
+  """One Block whose params are those of `blocks` stacked on a new leading "layers" axis."""
+  graphdef, first = nnx.split(blocks[0])
+  states = [first] + [nnx.split(b)[1] for b in blocks[1:]]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+  return nnx.merge(graphdef, _with_axes(stacked, lambda axes: ("layers", *axes)))
+
+
+def unstack_blocks(stacked: Block) -> list[Block]:
+  """The per-layer Blocks of a stacked Block (inverse of `stack_blocks`)."""
+  graphdef, state = nnx.split(stacked)
+  count = jax.tree.leaves(state)[0].shape[0]
+  return [nnx.merge(graphdef, _with_axes(jax.tree.map(lambda a: a[i], state), lambda axes: axes[1:]))
+          for i in range(count)]
+
+
+def stack_layers(model: Decoder, place=None) -> Decoder:
+  """The same model with its blocks stacked for `scan_layers` (a no-op if they already are).
+
+  `place(path, logical_axes, shape=...)` (as for `load_params`) puts each stacked tensor on its sharding.
+  """
+  if model.config.scan_layers:
+    return model
+  graphdef, state = nnx.split(model)
+  out = nnx.merge(graphdef, state)
+  out.layers = stack_blocks(list(out.layers))
+  out.config = model.config.replace(scan_layers=True)
+  if place is not None:
+    state = nnx.state(out.layers)
+    for path, var in nnx.to_flat_state(state):
+      target = place(("layers", *path), var.get_metadata().get("logical_axes"), shape=var.shape)
+      var.set_value(jax.device_put(var.get_value(), target))
+    nnx.update(out.layers, state)
+  return out
+
+
+def unstack_layers(model: Decoder) -> Decoder:
+  """The same model with one Block per layer (a no-op unless `scan_layers`)."""
+  if not model.config.scan_layers:
+    return model
+  graphdef, state = nnx.split(model)
+  out = nnx.merge(graphdef, state)
+  out.layers = nnx.List(unstack_blocks(out.layers))
+  out.config = model.config.replace(scan_layers=False)
+  return out

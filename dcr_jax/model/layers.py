@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -67,6 +69,27 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
   return x * cos + rotated * sin
 
 
+class LayerSpec(NamedTuple):
+  """What differs between layers besides weights: the sliding window (None = global) and the RoPE frequencies.
+
+  Unscanned layers get a Python int / None and a constant; under `scan` both are per-layer arrays (window 2**30 for
+  global layers).
+  """
+
+  window: int | Array | None
+  inv_freq: Array  # [H/2]
+
+
+def layer_specs(cfg: ModelConfig) -> list[LayerSpec]:
+  """Per-layer window and RoPE frequencies from `cfg.layer_types` (local: sliding window, local base)."""
+  specs = []
+  for kind in cfg.layer_types:
+    local = kind == "local"
+    theta, scale = (cfg.rope_theta_local, 1.0) if local else (cfg.rope_theta_global, cfg.rope_scale_global)
+    specs.append(LayerSpec(cfg.sliding_window if local else None, rope_inverse_frequencies(cfg.head_dim, theta, scale)))
+  return specs
+
+
 def attention_mask(q_segments: Array, kv_segments: Array, q_slots: Array, kv_slots: Array,
                    window: int | None) -> Array:
   """[B T S] bool from segments and slots ([B T], [B S]): same non-zero segment, causal in slots, and within the sliding window when given."""
@@ -81,7 +104,7 @@ def attention_mask(q_segments: Array, kv_segments: Array, q_slots: Array, kv_slo
 class Attention(nnx.Module):
   """Grouped-query attention with optional q/k norm, logit soft-capping and per-layer RoPE base."""
 
-  def __init__(self, cfg: ModelConfig, layer_type: str, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     pd = jnp.dtype(cfg.param_dtype)
     self.q_proj = Dense(d, n * h, ("embed", "heads"), rngs=rngs, param_dtype=pd)
@@ -91,16 +114,13 @@ class Attention(nnx.Module):
     if cfg.use_qk_norm:
       self.q_norm = RMSNorm(h, eps=cfg.norm_eps, offset=cfg.norm_scale_offset, param_dtype=pd)
       self.k_norm = RMSNorm(h, eps=cfg.norm_eps, offset=cfg.norm_scale_offset, param_dtype=pd)
-    is_local = layer_type == "local"
-    self.window = cfg.sliding_window if is_local else None
-    self.rope = (cfg.rope_theta_local, 1.0) if is_local else (cfg.rope_theta_global, cfg.rope_scale_global)
     self.heads = (n, k, h)
     self.scale = cfg.attn_scale
     self.softcap = cfg.attn_logit_softcap
     self.use_qk_norm = cfg.use_qk_norm
 
-  def __call__(self, x: Array, positions: Array, segments: Array, slots: Array, kv_cache: dict | None,
-               cache_segments: Array | None, write_at: Array | None) -> tuple[Array, dict | None]:
+  def __call__(self, x: Array, layer: "LayerSpec", positions: Array, segments: Array, slots: Array,
+               kv_cache: dict | None, cache_segments: Array | None, write_at: Array | None) -> tuple[Array, dict | None]:
     b, t, _ = x.shape
     n, k, h = self.heads
     q = self.q_proj(x).reshape(b, t, n, h)
@@ -108,8 +128,7 @@ class Attention(nnx.Module):
     value = self.v_proj(x).reshape(b, t, k, h)
     if self.use_qk_norm:
       q, key = self.q_norm(q), self.k_norm(key)
-    inv_freq = rope_inverse_frequencies(h, *self.rope)
-    q, key = apply_rope(q, positions, inv_freq), apply_rope(key, positions, inv_freq)
+    q, key = apply_rope(q, positions, layer.inv_freq), apply_rope(key, positions, layer.inv_freq)
     if kv_cache is None:
       kv_segments, kv_slots = segments, slots
     else:  # write this chunk into the cache, then attend over every cache slot
@@ -118,7 +137,7 @@ class Attention(nnx.Module):
       kv_cache = {"k": key, "v": value}
       kv_segments = cache_segments
       kv_slots = jnp.broadcast_to(jnp.arange(key.shape[1], dtype=jnp.int32), cache_segments.shape)
-    mask = attention_mask(segments, kv_segments, slots, kv_slots, self.window)  # B T S
+    mask = attention_mask(segments, kv_segments, slots, kv_slots, layer.window)  # B T S
     q = (q * self.scale).reshape(b, t, k, n // k, h)
     logits = jnp.einsum("btkgh,bskh->bkgts", q, key.astype(q.dtype))
     logits = logits.astype(jnp.promote_types(q.dtype, jnp.float32))  # float32, float64 for float64 runs
@@ -149,11 +168,11 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
   """Pre-norm residual block, with the Gemma 2/3 post-norms when configured."""
 
-  def __init__(self, cfg: ModelConfig, layer_index: int, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     pd = jnp.dtype(cfg.param_dtype)
     norm = lambda: RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, offset=cfg.norm_scale_offset, param_dtype=pd)
     self.pre_attn_norm = norm()
-    self.attn = Attention(cfg, cfg.layer_types[layer_index], rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
     self.pre_ffw_norm = norm()
     self.mlp = MLP(cfg, rngs=rngs)
     self.use_post_norms = cfg.use_post_norms
@@ -161,9 +180,10 @@ class Block(nnx.Module):
       self.post_attn_norm = norm()
       self.post_ffw_norm = norm()
 
-  def __call__(self, x, positions, segments, slots, kv_cache=None, cache_segments=None, write_at=None):
-    attn_out, kv_cache = self.attn(self.pre_attn_norm(x), positions, segments, slots, kv_cache, cache_segments,
-                                   write_at)
+  def __call__(self, x, layer: "LayerSpec", positions, segments, slots, kv_cache=None, cache_segments=None,
+               write_at=None):
+    attn_out, kv_cache = self.attn(self.pre_attn_norm(x), layer, positions, segments, slots, kv_cache,
+                                   cache_segments, write_at)
     if self.use_post_norms:
       attn_out = self.post_attn_norm(attn_out)
     x = x + attn_out

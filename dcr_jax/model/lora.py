@@ -24,18 +24,28 @@ def _targets(model: nnx.Module, targets):
 
 
 def attach_lora(model: nnx.Module, *, rank: int, alpha: float, targets, rngs: nnx.Rngs) -> int:
-  """Adds A [in r] (small random) and B [r out] (zeros) to every targeted projection; returns how many."""
-  count = 0
-  for _, dense in _targets(model, targets):
-    d_in, d_out = dense.kernel.shape
-    a_axes = (dense.kernel.logical_axes[0], None)
-    b_axes = (None, dense.kernel.logical_axes[1])
-    init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal")
-    dense.lora_a = LoRAParam(init(rngs.params(), (d_in, rank), dense.kernel.dtype), logical_axes=a_axes)
-    dense.lora_b = LoRAParam(jnp.zeros((rank, d_out), dense.kernel.dtype), logical_axes=b_axes)
+  """Adds A [in r] (small random) and B [r out] (zeros) to every targeted projection; returns how many.
+
+  Stacked projections (`scan_layers`, kernel [L in out]) get stacked adapters drawn in the same order as per-layer
+  ones, so a scanned and an unscanned model start from the same adapters.
+  """
+  found = list(_targets(model, targets))
+  layers = found[0][1].kernel.shape[0] if found and found[0][1].kernel.ndim == 3 else None
+  init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal")
+  draws: dict[int, list] = {id(dense): [] for _, dense in found}
+  for _ in range(layers or 1):  # per-layer order: layer 0's projections, then layer 1's, ...
+    for _, dense in found:
+      d_in = dense.kernel.shape[-2]
+      draws[id(dense)].append(init(rngs.params(), (d_in, rank), dense.kernel.dtype))
+  for _, dense in found:
+    *lead, d_in, d_out = dense.kernel.shape
+    *lead_axes, in_axis, out_axis = dense.kernel.logical_axes
+    a = jnp.stack(draws[id(dense)]) if lead else draws[id(dense)][0]
+    dense.lora_a = LoRAParam(a, logical_axes=(*lead_axes, in_axis, None))
+    dense.lora_b = LoRAParam(jnp.zeros((*lead, rank, d_out), dense.kernel.dtype),
+                             logical_axes=(*lead_axes, None, out_axis))
     dense.lora_scale = alpha / rank
-    count += 1
-  return count
+  return len(found) * (layers or 1)
 
 
 def merged_kernel(dense: Dense) -> jax.Array:

@@ -24,6 +24,7 @@ LOGICAL_RULES: Mapping[str | None, MeshAxes] = {
     "kv_heads": "tensor",
     "mlp": "tensor",
     "norm": None,
+    "layers": None,  # the stacked-layer axis of `model.scan_layers`
     None: None,
 }
 

@@ -24,14 +24,39 @@ class TrainState(struct.PyTreeNode):
 
 
 def layers_up_to(layer: int) -> Callable:
-  """Filter for stage 1: the embedding and the blocks below `layer` (those that compute the residual at ℓ)."""
+  """Filter for stage 1: the embedding and the blocks below `layer` (those that compute the residual at ℓ).
+
+  Stacked blocks (`scan_layers`) are one array per weight, so they pass whole; `keep_layers_from` then restores
+  their rows ≥ ℓ after each update.
+  """
 
   def keep(path, variable) -> bool:
     if not isinstance(variable, nnx.Param):
       return False
-    return path[0] == "embedding" or (path[0] == "layers" and int(path[1]) < layer)
+    return path[0] == "embedding" or (path[0] == "layers" and (not str(path[1]).isdigit() or int(path[1]) < layer))
 
   return keep
+
+
+def _key(entry) -> object:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return getattr(entry, attr)
+  return entry
+
+
+def keep_layers_from(layer: int, old, new):
+  """`new` params with rows ≥ `layer` of every stacked block weight ("layers" leaf with a leading layer axis, as
+  under `scan_layers`) taken bitwise from `old`; per-layer (unstacked) params pass through unchanged."""
+
+  def pick(path, before, after):
+    keys = [_key(k) for k in path]
+    if not keys or keys[0] != "layers" or (len(keys) > 1 and str(keys[1]).isdigit()):
+      return after
+    rows = (jnp.arange(after.shape[0]) < layer).reshape((-1,) + (1,) * (after.ndim - 1))
+    return jnp.where(rows, after, before)
+
+  return jax.tree_util.tree_map_with_path(pick, old, new)
 
 
 def trainable_filter(kind: str, layer: int | None = None):

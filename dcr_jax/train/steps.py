@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from dcr_jax.train.losses import class_similarity_stats, get_loss, masked_cross_entropy
-from dcr_jax.train.state import TrainState, merge
+from dcr_jax.train.state import TrainState, keep_layers_from, merge
 
 
 def pool(hidden: jax.Array, mask: jax.Array, how: str) -> jax.Array:
@@ -51,7 +51,8 @@ def make_refine_step(graphdef, optimizer, *, layers: Sequence[int], pooling: str
 
   def step(state: TrainState, batch: dict):
     (loss_value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state, batch)
-    return _apply(optimizer, state, grads, loss_value, metrics)
+    new_state, metrics = _apply(optimizer, state, grads, loss_value, metrics)
+    return new_state.replace(params=keep_layers_from(depth, state.params, new_state.params)), metrics
 
   return step
 

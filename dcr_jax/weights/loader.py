@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from dcr_jax.errors import UserError
 from dcr_jax.model import Decoder, ModelConfig
+from dcr_jax.model.decoder import stack_layers, unstack_layers
 from dcr_jax.model.lora import merged_kernel
 from dcr_jax.weights import hf_config
 from dcr_jax.weights.sources import GGUFSource, SafetensorsSource
@@ -38,7 +39,13 @@ def _to_ours(raw, kind: str, *, from_gguf: bool, cfg: ModelConfig):
 
 def load_params(cfg: ModelConfig, source: GGUFSource | SafetensorsSource, *, place: Placement = None,
                 progress: bool = True) -> Decoder:
-  """A Decoder whose params are read one tensor at a time from `source` and put directly where `place` says."""
+  """A Decoder whose params are read one tensor at a time from `source` and put directly where `place` says.
+
+  With `cfg.scan_layers` the per-layer tensors are stacked after loading (each stacked tensor then placed).
+  """
+  if cfg.scan_layers:
+    return stack_layers(load_params(cfg.replace(scan_layers=False), source, place=place, progress=progress),
+                        place=place)
   graphdef, state = nnx.split(abstract_model(cfg))
   variables = dict(nnx.to_flat_state(state))
   flat = {path: var.get_value() for path, var in variables.items()}
@@ -66,6 +73,7 @@ def export_hf(model: Decoder, directory: str | Path) -> Path:
   """Writes config.json + model.safetensors that transformers' *ForCausalLM loads (LoRA merged in)."""
   from safetensors.numpy import save_file
 
+  model = unstack_layers(model)
   cfg = model.config
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
