@@ -30,6 +30,7 @@ def get_config(variant: str = "gemma3-270m"):
     config.model.remat = "full"
     config.model.scan_layers = True
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+    config.mesh.constrain_activations = True  # else the partitioner may gather the batch for the vocab matmul
     config.refine.batch_size, config.refine.max_len, config.refine.steps = refine_batch, 128, 200
     config.align.batch_size, config.align.max_len, config.align.steps = align_batch, max_len, 1000
     config.align.lora_rank = lora_rank

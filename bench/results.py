@@ -1,0 +1,354 @@
+"""Render bench/results/*.json into one Markdown summary, bench/results.md.
+
+Reads forward.json, train_step.json, generate.json, kernels.json and kernels_270m.json (each optional; a missing
+one is listed as "not run") plus device_mfu.json if present. Every value is looked up defensively: a missing key
+or a partial file shows as "n/a" rather than stopping the render. Only reads JSON; runs no benchmark.
+
+    .venv/bin/python bench/results.py [--results bench/results] [--out bench/results.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+BENCHES = ("forward", "train_step", "generate", "kernels", "kernels_270m")
+VERSIONS = ("jax", "jaxlib", "flax", "torch", "transformers")
+NA = "n/a"
+HERE = Path(__file__).resolve().parent
+
+
+def get(d: Any, *keys: Any) -> Any:
+  """d[k0][k1]..., or None if any step is missing or of the wrong type."""
+  for k in keys:
+    try:
+      d = d[k]
+    except (KeyError, IndexError, TypeError):
+      return None
+  return d
+
+
+def num(x: Any) -> float | None:
+  """x as a float if it is a real number (not bool), else None."""
+  if isinstance(x, bool) or not isinstance(x, (int, float)):
+    return None
+  return float(x)
+
+
+def fmt(x: Any, spec: str = ".3g", suffix: str = "") -> str:
+  """A number formatted with `spec` and `suffix`, or "n/a"."""
+  x = num(x)
+  return NA if x is None else f"{x:{spec}}{suffix}"
+
+
+def txt(x: Any) -> str:
+  """str(x), or "n/a" for None."""
+  return NA if x is None else str(x)
+
+
+def fmt_s(x: Any) -> str:
+  """Seconds: three significant digits, whole seconds from 100 s up."""
+  x = num(x)
+  return fmt(x, ".0f" if x is not None and abs(x) >= 100 else ".3g", " s")
+
+
+def fmt_x(x: Any) -> str:
+  """A ratio as "1.23x"."""
+  return fmt(x, ".2f", "x")
+
+
+def fmt_mib(x: Any) -> str:
+  """Mebibytes, no decimals."""
+  return fmt(x, ".0f", " MiB")
+
+
+def met(ok: bool | None) -> str:
+  """yes / no / n/a for a goal check."""
+  return NA if ok is None else ("yes" if ok else "no")
+
+
+def at_least(x: Any, goal: float) -> bool | None:
+  """x >= goal, or None when x is not a number."""
+  x = num(x)
+  return None if x is None else x >= goal
+
+
+def peak_rss(data: Any) -> float | None:
+  """The peak RSS in MiB of a bench's JSON: the max over its named checkpoints, or the number itself."""
+  v = get(data, "peak_rss_mib")
+  if isinstance(v, dict):
+    vals = [num(x) for x in v.values()]
+    vals = [x for x in vals if x is not None]
+    return max(vals) if vals else None
+  return num(v)
+
+
+def load(results: Path) -> dict[str, dict[str, Any]]:
+  """Each bench name -> {"path", "data" (dict or None), "mtime" (datetime or None), "error" (str or None)}."""
+  out = {}
+  for name in (*BENCHES, "device_mfu"):
+    path = results / f"{name}.json"
+    entry: dict[str, Any] = {"path": path, "data": None, "mtime": None, "error": None}
+    if path.exists():
+      try:
+        entry["mtime"] = dt.datetime.fromtimestamp(path.stat().st_mtime)
+        data = json.loads(path.read_text())
+        if isinstance(data, dict):
+          entry["data"] = data
+        else:
+          entry["error"] = "not a JSON object"
+      except (OSError, ValueError) as e:
+        entry["error"] = f"unreadable ({type(e).__name__})"
+    out[name] = entry
+  return out
+
+
+def row(cells: list[str]) -> str:
+  """One Markdown table row (pipes in cells escaped)."""
+  return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+  """A Markdown table as a list of lines."""
+  return [row(header), row(["---"] * len(header)), *(row(r) for r in rows)]
+
+
+def header_section(benches: dict[str, dict[str, Any]]) -> list[str]:
+  """Machine and versions, with one line per source file (modified date, load at start, or "not run")."""
+  lines = []
+  machines = {}
+  for name in BENCHES:
+    m = get(benches[name]["data"], "machine")
+    if isinstance(m, dict):
+      key = (m.get("cpu") or NA, m.get("cpu_count") or NA,
+             tuple((v, get(m, "versions", v) or NA) for v in VERSIONS))
+      machines.setdefault(key, []).append(name)
+  if not machines:
+    lines.append("Machine: n/a (no result file names one).")
+  for (cpu, cores, versions), names in machines.items():
+    prefix = "Machine" if len(machines) == 1 else f"Machine ({', '.join(names)})"
+    lines.append(f"{prefix}: {cpu}, {cores} cores; " + ", ".join(f"{k} {v}" for k, v in versions) + ".")
+  lines.append("")
+  rows = []
+  for name in BENCHES:
+    b = benches[name]
+    if b["data"] is None and b["error"] is None:
+      rows.append([f"{name}.json", "not run", NA, NA])
+      continue
+    when = b["mtime"].strftime("%Y-%m-%d %H:%M") if b["mtime"] else NA
+    load_avg = get(b["data"], "machine", "load_average_at_start")
+    load_s = "/".join(fmt(x, ".2f") for x in load_avg) if isinstance(load_avg, list) else NA
+    rows.append([f"{name}.json", b["error"] or "ok", when, load_s])
+  lines += table(["file", "status", "last modified", "load avg at start (1/5/15 min)"], rows)
+  return lines
+
+
+def contention(values: list[Any]) -> str:
+  """A note when other processes kept >= 0.25 cores busy (median over the given cases) during timing, else ""."""
+  vals = sorted(x for x in map(num, values) if x is not None)
+  if not vals or vals[len(vals) // 2] < 0.25:
+    return ""
+  return f"; contended: other processes held ~{vals[len(vals) // 2]:.1f} cores during timing"
+
+
+def kernel_summary(cases: Any, method: str) -> tuple[float | None, float | None, str]:
+  """Best and worst wall speedup of `method` over naive, over cases where naive fits, and a note on where."""
+  pts = []
+  for c in cases if isinstance(cases, list) else []:
+    sp = num(get(c, "speedup_wall", method))
+    if get(c, "naive_fits") and sp is not None:
+      pts.append((sp, f"{get(c, 'size')} N={get(c, 'n')} |S|={get(c, 's')}"))
+  if not pts:
+    return None, None, "no case where naive fits"
+  best, worst = max(pts), min(pts)
+  hit = sum(sp >= 10 for sp, _ in pts)
+  return best[0], worst[0], f"best at {best[1]}, worst at {worst[1]}; {hit}/{len(pts)} cases >= 10x"
+
+
+def ratio_rows(benches: dict[str, dict[str, Any]]) -> list[list[str]]:
+  """The rows of the "ratios against a peer" table (one per goal), "not run" where the JSON is missing."""
+  fw, ts, gen, kern, k270 = (benches[n]["data"] for n in BENCHES)
+  rows = []
+
+  def missing(label: str, name: str, goal: str) -> list[str]:
+    why = benches[name]["error"] or "not run"
+    return [label, NA, NA, NA, goal, NA, NA, f"{name}.json {why}"]
+
+  fw_busy = contention([get(fw, "results", c, "other_cores_busy_median") for c in ("ours_full", "torch_full")])
+  label = "(a) forward, all-position logits, 8x128, vs transformers"
+  if fw is None:
+    rows.append(missing(label, "forward", ">= 1.0x"))
+  else:
+    r = get(fw, "ratios", "a_full_logits__torch_full_over_ours_full", "median_of_round_ratios")
+    mins = get(fw, "ratios", "a_full_logits__torch_full_over_ours_full", "ratio_of_mins")
+    rows.append([label, fmt_s(get(fw, "results", "ours_full", "median_s")),
+                 fmt_s(get(fw, "results", "torch_full", "median_s")), fmt_x(r), ">= 1.0x", met(at_least(r, 1.0)),
+                 fmt_mib(peak_rss(fw)), f"median of per-round ratios; ratio of mins {fmt_x(mins)}; "
+                 "RSS is one process holding both models" + fw_busy])
+
+  label = "(b) prefill (last position only) vs transformers full logits"
+  if fw is None:
+    rows.append(missing(label, "forward", ">= 2.0x"))
+  else:
+    r = get(fw, "ratios", "b_prefill__torch_full_over_ours_last", "median_of_round_ratios")
+    vs_last = get(fw, "ratios", "b_prefill__torch_last_over_ours_last", "median_of_round_ratios")
+    rows.append([label, fmt_s(get(fw, "results", "ours_last", "median_s")),
+                 fmt_s(get(fw, "results", "torch_full", "median_s")), fmt_x(r), ">= 2.0x", met(at_least(r, 2.0)),
+                 fmt_mib(peak_rss(fw)),
+                 f"vs HF logits_to_keep=1 ({fmt_s(get(fw, 'results', 'torch_last', 'median_s'))}): {fmt_x(vs_last)}"
+                 + contention([get(fw, "results", c, "other_cores_busy_median") for c in ("ours_last", "torch_full")])])
+
+  label = "(c) stage-2 step, full FT, AdamW, 8x128, vs transformers+torch"
+  if ts is None:
+    rows.append(missing(label, "train_step", ">= 1.5x"))
+  else:
+    r = get(ts, "summary", "stage2_torch_over_ours")
+    rows.append([label, fmt_s(get(ts, "results", "stage2_full", "median_s")),
+                 fmt_s(get(ts, "results", "torch_stage2_full", "median_s")), fmt_x(r), ">= 1.5x",
+                 met(at_least(r, 1.5)), fmt_mib(peak_rss(ts)),
+                 f"on CPU time {fmt_x(get(ts, 'summary', 'stage2_torch_over_ours_cpu_time'))}; torch ran in its own "
+                 f"process, peak RSS {fmt_mib(get(ts, 'results', 'torch_stage2_full', 'peak_rss_mib'))}"
+                 + contention([get(ts, "results", c, "other_cores_busy_median")
+                               for c in ("stage2_full", "torch_stage2_full")])])
+
+  label = "(d) stage-2 step, fraction of this CPU's fp32 matmul peak"
+  if ts is None:
+    rows.append(missing(label, "train_step", ">= 0.70"))
+  else:
+    r = get(ts, "summary", "stage2_fraction_of_peak")
+    rows.append([label, fmt(get(ts, "results", "stage2_full", "gflops"), ".0f", " GFLOP/s"),
+                 fmt(get(ts, "matmul_peak", "peak_gflops"), ".0f", " GFLOP/s peak"), fmt(r, ".2f"), ">= 0.70",
+                 met(at_least(r, 0.70)), fmt_mib(peak_rss(ts)),
+                 "ratio = ours / peak; peak = best jitted 2048^2 jnp.dot / torch.mm median; on CPU time "
+                 f"{fmt(get(ts, 'summary', 'stage2_cpu_time_fraction_of_jax_dot'), '.2f')} of jnp.dot"])
+
+  label = "(e) stage-1 step at l = L/2 vs full depth"
+  if ts is None:
+    rows.append(missing(label, "train_step", "~0.5 (0.4-0.6)"))
+  else:
+    r = num(get(ts, "summary", "stage1_l9_over_l18"))
+    rows.append([label, fmt_s(get(ts, "results", "stage1_l9", "median_s")) + " (l=9)",
+                 fmt_s(get(ts, "results", "stage1_l18", "median_s")) + " (l=18, ours)", fmt(r, ".2f"),
+                 "~0.5 (0.4-0.6)", met(None if r is None else abs(r - 0.5) <= 0.1), fmt_mib(peak_rss(ts)),
+                 "ratio = ours l9 / ours l18 time, lower is better; frozen embedding "
+                 f"{fmt(get(ts, 'summary', 'stage1_l9_over_l18_frozen_emb'), '.2f')}"])
+
+  label = "(f) generation, batch 16, 64 new tokens, vs transformers generate"
+  if gen is None:
+    rows.append(missing(label, "generate", ">= 3.0x"))
+  else:
+    r = get(gen, "summary", "hf_over_ours")
+    rows.append([label, fmt_s(get(gen, "results", "ours", "median_s")), fmt_s(get(gen, "results", "hf", "median_s")),
+                 fmt_x(r), ">= 3.0x", met(at_least(r, 3.0)), fmt_mib(peak_rss(gen)),
+                 f"decode only {fmt_x(get(gen, 'summary', 'hf_over_ours_decode'))}, prefill "
+                 f"{fmt_x(get(gen, 'summary', 'hf_over_ours_prefill'))}; greedy tokens identical in "
+                 f"{txt(get(gen, 'agreement', 'rows_identical'))}/{txt(get(gen, 'agreement', 'rows'))} rows"
+                 + contention([get(gen, "results", c, "other_cores_busy_median") for c in ("ours", "hf")])])
+
+  for method in ("jacobian", "jvp_vjp"):
+    label = f"(g) eNTK logit_kernel {method} vs naive vmap(jacrev)+einsum"
+    if kern is None:
+      rows.append(missing(label, "kernels", ">= 10x"))
+      continue
+    cases = get(kern, "cases") if isinstance(get(kern, "cases"), list) else []
+    best, worst, note = kernel_summary(cases, method)
+    ratio = NA if best is None else f"{fmt_x(worst)} - {fmt_x(best)}"
+    rows.append([label, "per case below", "per case below", ratio, ">= 10x", met(at_least(worst, 10.0)),
+                 fmt_mib(peak_rss(kern)), f"wall speedup, worst - best; {note}; RSS of the whole sweep"
+                 + contention([get(c, "others_busy") for c in cases])])
+
+  label = "(h) real gemma-3-270m eNTK"
+  if k270 is None:
+    rows.append(missing(label, "kernels_270m", "none (no peer)"))
+  else:
+    n, k, params = (get(k270, "config", x) for x in ("n", "k", "params"))
+    label = (f"(h) real gemma-3-270m eNTK, {txt(n)} x {txt(k)}, "
+             f"all params ({fmt(num(params) / 1e6 if num(params) else None, '.1f', 'M')})")
+    check = get(k270, "method_check", "max_abs_diff_over_max")
+    rows.append([label, fmt_s(get(k270, "seconds")), "none", NA, "none (no peer)", NA, fmt_mib(peak_rss(k270)),
+                 f"method {get(k270, 'config', 'method') or NA}; asymmetry "
+                 f"{fmt(get(k270, 'symmetry_max_abs_diff_over_max'), '.1e')}, min/max eigenvalue "
+                 f"{fmt(get(k270, 'min_eigenvalue_over_max'), '.1e')}, jvp_vjp vs jacobian {fmt(check, '.1e')}"])
+  return rows
+
+
+def kernel_cases(kern: Any) -> list[str]:
+  """The per-case eNTK table: size, N, |S|, wall seconds and XLA memory per method, speedups over naive."""
+  cases = get(kern, "cases")
+  if not isinstance(cases, list) or not cases:
+    return ["No eNTK cases recorded."]
+  methods = ("naive", "jacobian", "jvp_vjp")
+  mib = 1 << 20
+  rows = []
+  for c in cases:
+    if not isinstance(c, dict):
+      continue
+    fits = get(c, "naive_fits")
+    wall = [fmt(get(c, "wall_s", m), ".3g") if (m != "naive" or fits) else "does not fit" for m in methods]
+    mem = [fmt(num(get(c, "mem_bytes", m)) / mib if num(get(c, "mem_bytes", m)) is not None else None, ".0f")
+           for m in methods]
+    speed = [fmt_x(get(c, "speedup_wall", m)) for m in methods[1:]]
+    rows.append([txt(get(c, "size")), txt(get(c, "n")), txt(get(c, "s")), *wall, *speed, *mem])
+  header = ["size", "N", "|S|", "wall s naive", "wall s jacobian", "wall s jvp_vjp", "x jacobian",
+            "x jvp_vjp", "MiB naive", "MiB jacobian", "MiB jvp_vjp"]
+  return [row(header), row(["---"] * len(header)), *(row(r) for r in rows)]
+
+
+def device_line(entry: dict[str, Any]) -> str:
+  """One sentence on the optional H200 bf16 stage-2 MFU check, from device_mfu.json or saying it was not run."""
+  d = entry["data"]
+  if d is None:
+    if entry["error"]:
+      return f"device_mfu.json exists but is {entry['error']}."
+    return "No accelerator was lent to this session; the H200 bf16 stage-2 MFU check was not run."
+  mfu = num(get(d, "mfu"))
+  return (f"Accelerator check ({get(d, 'device') or NA}, bf16 stage-2 step): MFU "
+          f"{fmt(mfu * 100 if mfu is not None else None, '.1f', '%')}, {fmt(get(d, 'tflops'), '.1f', ' TFLOP/s')}, "
+          f"step {fmt_s(get(d, 'step_s'))}.")
+
+
+def render(results: Path) -> str:
+  """The whole Markdown document for the JSON files under `results`."""
+  benches = load(results)
+  try:
+    shown = results.resolve().relative_to(Path.cwd())
+  except ValueError:
+    shown = results
+  lines = ["# Benchmark results", "",
+           f"Rendered by `bench/results.py` from `{shown}/` on {dt.datetime.now():%Y-%m-%d %H:%M}. "
+           "CPU, float32, gemma-3-270m weights unless stated; times are medians.", ""]
+  lines += header_section(benches)
+  lines += ["", "## Ratios against a peer measured in the same run", "",
+            "ratio = peer time / our time (> 1: we are faster), except (d) and (e) as noted. "
+            "Peak RSS is the bench process's maximum.", ""]
+  lines += table(["benchmark", "ours", "peer", "ratio", "goal", "met?", "our peak RSS", "notes"],
+                 ratio_rows(benches))
+  lines += ["", "### eNTK cases (random-init tiny Gemma 3, all params; memory is XLA's compiled estimate)", ""]
+  kern = benches["kernels"]
+  if kern["data"] is None:
+    lines.append(f"kernels.json {kern['error'] or 'not run'}.")
+  else:
+    lines += kernel_cases(kern["data"])
+  lines += ["", "## Accelerator", "", device_line(benches["device_mfu"]), ""]
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+  """Parse arguments, render the results and write the Markdown file; returns its text."""
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--results", default=str(HERE / "results"), help="directory holding the bench JSON files")
+  p.add_argument("--out", default=str(HERE / "results.md"), help="Markdown file to write")
+  args = p.parse_args(argv)
+  text = render(Path(args.results))
+  out = Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(text)
+  print(f"wrote {out}")
+  return text
+
+
+if __name__ == "__main__":
+  main()
