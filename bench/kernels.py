@@ -112,8 +112,9 @@ def chunked_memory(size: str, f, params, chunk: int, seq: int, n: int, s: int) -
     g = Partial(ntk._restricted_logits, ntk._as_pytree(f))
     ex = (jax.ShapeDtypeStruct((chunk, seq), jnp.int32), jax.ShapeDtypeStruct((chunk, seq), jnp.int32),
           jax.ShapeDtypeStruct((chunk, s), jnp.int32))
-    rows = jax.eval_shape(lambda p, e: ntk._jacobians(g, p, e, None), params, ex)
-    jac = mem_bytes(ntk._jacobians.lower(g, params, ex, None).compile())
+    basis = jax.ShapeDtypeStruct((s, s), jnp.float32)
+    rows = jax.eval_shape(lambda p, e, b: ntk._jacobians(g, p, e, b, None), params, ex, basis)
+    jac = mem_bytes(ntk._jacobians.lower(g, params, ex, basis, None).compile())
     con = mem_bytes(ntk._contract.lower(rows, rows).compile())
     jvp = mem_bytes(ntk._jvp_block.lower(g, params, ex, rows, None).compile())
     rows_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(rows))

@@ -2,7 +2,7 @@
 
 The prompts are the built-in demo prompts, a third each seemingly toxic, toxic and general (seeded); S is the top-|S|
 of the base model's mean first-token distribution. One parameter-sized Jacobian row is 1.07 GB in float32, so the
-kernel runs one prompt per chunk (|S| rows = |S| GB held at a time). Reported: wall time, peak RSS, the symmetry and
+kernel holds --chunk prompts x --out-chunk tokens of S rows at a time (default 2 x 1: 2.1 GB). Reported: wall time, peak RSS, the symmetry and
 PSD checks of K, the group block means, and (--check) the two exact methods against each other on the first prompts.
 
     .venv/bin/python bench/kernels_270m.py [--n 32] [--k 10] [--method jvp_vjp] [--out bench/results/kernels_270m.json]
@@ -43,6 +43,8 @@ def main(argv=None) -> dict:
   p.add_argument("--n", type=int, default=32, help="prompts")
   p.add_argument("--k", type=int, default=10, help="|S|: top-k first tokens of the base model")
   p.add_argument("--method", default="jvp_vjp", choices=["jvp_vjp", "jacobian"])
+  p.add_argument("--chunk", type=int, default=2, help="prompts per chunk")
+  p.add_argument("--out-chunk", type=int, default=1, help="tokens of S per chunk")
   p.add_argument("--max-len", type=int, default=64, help="prompt tokens kept (the chat-templated tail)")
   p.add_argument("--check", type=int, default=2, help="prompts on which both exact methods are compared (0 = skip)")
   p.add_argument("--seed", type=int, default=0)
@@ -74,8 +76,8 @@ def main(argv=None) -> dict:
   if args.check:
     c = args.check
     started = time.perf_counter()
-    both = {m: ntk.logit_kernel(f, params, tokens[:c], mask[:c], ids, method=m, chunk_size=1, progress=False)
-            for m in ("jvp_vjp", "jacobian")}
+    both = {m: ntk.logit_kernel(f, params, tokens[:c], mask[:c], ids, method=m, chunk_size=1, out_chunk=1,
+                                progress=False) for m in ("jvp_vjp", "jacobian")}
     scale = float(np.abs(both["jacobian"]).max())
     check = {"prompts": c, "max_abs_diff_over_max": float(np.abs(both["jvp_vjp"] - both["jacobian"]).max()) / scale,
              "seconds": round(time.perf_counter() - started, 1)}
@@ -83,7 +85,8 @@ def main(argv=None) -> dict:
           flush=True)
 
   started = time.perf_counter()
-  kernel = ntk.logit_kernel(f, params, tokens, mask, ids, method=args.method, chunk_size=1, progress=True)
+  kernel = ntk.logit_kernel(f, params, tokens, mask, ids, method=args.method, chunk_size=args.chunk,
+                            out_chunk=args.out_chunk, progress=True)
   seconds = time.perf_counter() - started
   n, s = kernel.shape[0], kernel.shape[2]
   flat = kernel.transpose(0, 2, 1, 3).reshape(n * s, n * s).astype(np.float64)
@@ -93,7 +96,8 @@ def main(argv=None) -> dict:
   _, cosine, _ = similarity.block_means(similarity.kernel_cosine(kernel), groups)
   result = {
       "bench": "kernels_270m", "machine": info,
-      "config": {"n": n, "k": s, "method": args.method, "chunk_size": 1, "max_len": args.max_len, "seed": args.seed,
+      "config": {"n": n, "k": s, "method": args.method, "chunk_size": args.chunk, "out_chunk": args.out_chunk,
+                 "max_len": args.max_len, "seed": args.seed,
                  "params": n_params, "token_set": [int(i) for i in ids]},
       "seconds": round(seconds, 1), "peak_rss_mib": peak_rss_mib(),
       "symmetry_max_abs_diff_over_max": float(np.abs(flat - flat.T).max()) / scale,

@@ -70,3 +70,17 @@ def test_tiny_pipeline_trains_evaluates_and_reevaluates(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert (workdir / "eval" / "demo-harmful.jsonl").read_text() == before  # finished prompts are not redone
   assert json.loads((workdir / "config.json").read_text())["stages"] == "refine,align,evaluate"
+
+
+def test_tiny_pipeline_with_scanned_layers_and_lora(tmp_path):
+  """scan_layers end to end: stage 1 on stacked weights, stacked LoRA adapters, checkpoints, evaluation."""
+  workdir = tmp_path / "scan"
+  result = run_main("--config=configs/tiny.py", "--config.model.scan_layers=True", "--config.model.remat=full",
+                    "--config.align.lora_rank=4", "--config.refine.steps=6", "--config.align.steps=6",
+                    f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((workdir / "report.json").read_text())
+  assert set(report["stages"]) == {"refine", "align", "evaluate"}
+  assert report["stages"]["align"]["steps"] == 6 and report["eval"]["demo-harmful"]["n"] == 16
+  probe = report["stages"]["refine"]["probe"]
+  assert probe["after"]["across"] < probe["before"]["across"]

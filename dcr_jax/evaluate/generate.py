@@ -29,10 +29,19 @@ def bucket_length(n: int, bucket: int) -> int:
   return max(bucket, int(math.ceil(n / bucket)) * bucket)
 
 
+def greedy(logits):
+  """argmax over the last axis (first index of the maximum) as two plain reductions: ~4x faster than XLA CPU's
+  variadic argmax on [B 262144]. Rows holding NaN give the last index."""
+  vocab = logits.shape[-1]
+  first = jnp.min(jnp.where(logits == jnp.max(logits, axis=-1, keepdims=True),
+                            jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+  return jnp.minimum(first, vocab - 1).astype(jnp.int32)
+
+
 def _sample(logits, rng, temperature: float, top_p: float):
   """Next token [B] from float32 logits [B V]: argmax at temperature 0, else nucleus sampling."""
   if temperature == 0.0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return greedy(logits)
   logits = logits / temperature
   if top_p < 1.0:
     sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]

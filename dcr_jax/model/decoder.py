@@ -152,12 +152,22 @@ class Decoder(nnx.Module):
 
   def logits(self, x: Array) -> Array:
     """Final-normed hidden [..., D] -> float32 logits [..., V] (float64 for float64 activations), soft-capped."""
-    head = self.embedding[...].T if self.config.tie_embeddings else self.head[...]
-    logits = (x @ head.astype(x.dtype)).astype(jnp.promote_types(x.dtype, jnp.float32))
+    rows = int(np.prod(x.shape[:-1]))
+    if rows <= _FEW_ROWS:  # a decode step: one fused pass over the table beats a skinny matmul on CPU (~25%)
+      table = self.embedding[...] if self.config.tie_embeddings else self.head[...].T  # [V D]
+      flat = x.reshape(rows, 1, x.shape[-1])
+      logits = jnp.sum(table.astype(x.dtype)[None] * flat, axis=-1).reshape(*x.shape[:-1], -1)
+    else:
+      head = self.embedding[...].T if self.config.tie_embeddings else self.head[...]
+      logits = x @ head.astype(x.dtype)
+    logits = logits.astype(jnp.promote_types(x.dtype, jnp.float32))
     if self.config.final_logit_softcap is not None:
       cap = self.config.final_logit_softcap
       logits = jnp.tanh(logits / cap) * cap
     return logits
+
+
+_FEW_ROWS = 64  # at most this many positions (a decode step) take the fused multiply-and-sum head
 
 
 def _call_block(block, *args):

@@ -117,6 +117,17 @@ def test_chunk_size_one(setup, method):
   assert rel_err(k, reference(setup, "all", range(N), range(N), [IDS] * N, [IDS] * N)) <= 1e-10
 
 
+@pytest.mark.parametrize("method", ntk.METHODS)
+@pytest.mark.parametrize("out_chunk", [1, 2])
+def test_output_chunks(setup, method, out_chunk):
+  """|S| = 3 in chunks of 1 or 2 (the last padded): one parameter-sized row at a time for a 270m-sized model."""
+  graphdef, params, rest = split(setup, "all")
+  f = ntk.first_token_logits_fn(graphdef, rest)
+  k = ntk.logit_kernel(f, params, setup["tokens"], setup["mask"], IDS, method=method, chunk_size=2,
+                       out_chunk=out_chunk, progress=False)
+  assert rel_err(k, reference(setup, "all", range(N), range(N), [IDS] * N, [IDS] * N)) <= 1e-10
+
+
 def test_cross_sets_with_per_prompt_token_sets(setup):
   """K(X, Y) with X = prompts 0-1 and Y = prompt 2, each prompt with its own S (the chunk-2 compile reused)."""
   graphdef, params, rest = split(setup, "all")
@@ -148,7 +159,8 @@ def test_linearisation_and_ntk_vector_product(setup):
   k = kernel(setup, "all", "jvp_vjp", 2)
   e_j = np.eye(3)[0]
   np.testing.assert_allclose(jax.jit(ntk.ntk_vector_product)(g, params, x_a, e_j, x_b), k[0, 1, :, 0], rtol=1e-10)
-  rows = ntk._jacobians(g, params, (t[:2], m[:2], np.stack([IDS, IDS])), None)  # [2 S ...] reuses a compile
+  rows = ntk._jacobians(g, params, (t[:2], m[:2], np.stack([IDS, IDS])), np.eye(len(IDS), dtype=np.float32),
+                         None)  # [2 S ...] reuses a compile
   v = jax.tree.map(lambda r: np.asarray(r)[1, 0], rows)  # ∇θ z_{S[0]}(b), numpy (no per-shape eager compiles)
   norm = np.sqrt(sum(np.vdot(x, x) for x in jax.tree.leaves(v)))
   step = lambda eps, v: jax.tree.map(lambda p, d: p + eps * d / norm, params, v)
@@ -176,7 +188,7 @@ def test_one_step_prediction_and_scalar_kernel(setup):
       np.testing.assert_allclose(predict(a, b, 1.0), k[i, j], rtol=1e-10)
 
   grad_u = jax.tree.map(lambda r: -np.asarray(r)[1, 0], ntk._jacobians(  # ∇ L(x_u), reusing scalar_kernel's compile
-      Partial(ntk._as_vector, logp), params, rows, None))
+      Partial(ntk._as_vector, logp), params, rows, np.ones((1, 1), np.float32), None))
   step = lambda lr, d: jax.tree.map(lambda p, d: p - lr * d, params, d)
   actual = jax.jit(lambda lr, d: logp(step(lr, d), x_o) - logp(params, x_o))
   errors = [abs(float(actual(lr, grad_u) - predict(x_o, x_u, lr))) for lr in (1e-3, 1e-4, 1e-5)]
@@ -245,7 +257,8 @@ def test_sharded_kernel_equals_single_device(setup, request):
   f = ntk.first_token_logits_fn(graphdef, rest)
   shardings = ntk._param_shardings(params)
   chunk = ntk._chunks(ntk._with_ids(setup["tokens"], setup["mask"], IDS), 2)[0]
-  rows = ntk._jacobians(Partial(ntk._restricted_logits, f), params, chunk, shardings)  # per-example gradients
+  basis = np.eye(len(IDS), dtype=np.float32)
+  rows = ntk._jacobians(Partial(ntk._restricted_logits, f), params, chunk, basis, shardings)  # per-example grads
   for r, s in zip(jax.tree.leaves(rows), shardings):  # [C S ...param] keep the parameter's split
     assert r.sharding.is_equivalent_to(NamedSharding(mesh, P(None, None, *s.spec)), r.ndim), (r.sharding, s)
   for method in ntk.METHODS:
