@@ -107,6 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.kernels.last_n = 2  # for last_n
   c.kernels.method = "jvp_vjp"  # jvp_vjp | jacobian
   c.kernels.chunk_size = 4
+  c.kernels.out_chunk = 0  # tokens of S per chunk (0 = all); 1 holds one parameter-sized row per prompt at a time
   c.kernels.max_len = 64
 
   c.distributed = ml_collections.ConfigDict()  # multi-process runs; a TPU pod is detected by itself

@@ -109,12 +109,13 @@ def evaluate_suite(ctx, name: str, records: list[dict], judge, show_progress: bo
 
 def run_evaluate(ctx, prepared: dict) -> dict:
   """Evaluates the current model on every suite; fills report.json's `eval` and returns the stage summary."""
-  import dataclasses
+  import copy
 
   from dcr_jax.model import unstack_layers
   from dcr_jax.pipeline import is_main_process, update_report
 
-  ctx = dataclasses.replace(ctx, model=unstack_layers(ctx.model))  # decoding slices no stacked params per step
+  ctx = copy.copy(ctx)
+  ctx.model = unstack_layers(ctx.model)  # so that decoding does not slice stacked params at every step
   results = {}
   for name, records in prepared["suites"].items():
     rows = evaluate_suite(ctx, name, records, prepared["judge"], show_progress=is_main_process())

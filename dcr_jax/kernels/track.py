@@ -74,6 +74,7 @@ def measure(model, tokenizer, probe: Probe, config) -> dict:
   f = ntk.first_token_logits_fn(graphdef, rest)
   started = time.time()
   k = ntk.logit_kernel(f, params, probe.tokens, probe.mask, probe.ids, method=kc.method, chunk_size=kc.chunk_size,
+                       out_chunk=kc.out_chunk or None,
                        progress=jax.process_index() == 0)
   names, ratio, counts = similarity.block_means(similarity.kernel_ratio(k), probe.groups)
   _, cosine, _ = similarity.block_means(similarity.kernel_cosine(k), probe.groups)
