@@ -51,21 +51,20 @@ def main(argv=None) -> dict:
   p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kernels_270m.json"))
   args = p.parse_args(argv)
 
+  import jax
+
   from dcr_jax.kernels import ntk, similarity
-  from dcr_jax.weights import encode_chat, load_model
+  from dcr_jax.kernels.track import encode_prompts
+  from dcr_jax.weights import load_model
 
   info = machine_info()
   print(banner(info, torch_threads=0), flush=True)
   model, tokenizer = load_model("gemma3-270m", progress=False)
   texts, groups = prompts(args.n, args.seed)
-  rows = [encode_chat(tokenizer, t)[0][-args.max_len:] for t in texts]
-  width = max(len(r) for r in rows)
-  tokens = np.full((len(rows), width), tokenizer.pad_token_id, np.int32)
-  mask = np.zeros((len(rows), width), np.int32)
-  for i, r in enumerate(rows):
-    tokens[i, :len(r)], mask[i, :len(r)] = r, 1
+  tokens, mask = encode_prompts(tokenizer, texts, args.max_len)
+  width = tokens.shape[1]
   graphdef, params, rest = ntk.split_params(model, "all")
-  n_params = sum(int(np.prod(x.shape)) for x in __import__("jax").tree.leaves(params))
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   f = ntk.first_token_logits_fn(graphdef, rest)
   ids = ntk.token_set(probs=ntk.next_token_probs(f, params, tokens, mask), k=args.k)
   print(f"# {len(texts)} prompts ({', '.join(f'{g}: {groups.count(g)}' for g in dict.fromkeys(groups))}), "

@@ -51,14 +51,20 @@ def probe_prompts(config) -> tuple[list[str], list[str]]:
   return prompts, groups
 
 
-def build_probe(model, tokenizer, config) -> Probe:
-  prompts, groups = probe_prompts(config)
-  rows = [encode_chat(tokenizer, p)[0][-config.kernels.max_len:] for p in prompts]
+def encode_prompts(tokenizer, prompts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """Chat-templated prompts (the last `max_len` tokens of each) as right-padded tokens and mask [N T]."""
+  rows = [encode_chat(tokenizer, p)[0][-max_len:] for p in prompts]
   width = max(len(r) for r in rows)
   tokens = np.full((len(rows), width), tokenizer.pad_token_id, np.int32)
   mask = np.zeros((len(rows), width), np.int32)
   for i, r in enumerate(rows):
     tokens[i, :len(r)], mask[i, :len(r)] = r, 1
+  return tokens, mask
+
+
+def build_probe(model, tokenizer, config) -> Probe:
+  prompts, groups = probe_prompts(config)
+  tokens, mask = encode_prompts(tokenizer, prompts, config.kernels.max_len)
   graphdef, params, rest = ntk.split_params(model, "all")
   probs = ntk.next_token_probs(ntk.first_token_logits_fn(graphdef, rest), params, tokens, mask)
   return Probe(prompts, groups, tokens, mask, ntk.token_set(probs=probs, k=config.kernels.top_k))

@@ -89,11 +89,10 @@ class Decoder(nnx.Module):
       x = x * jnp.asarray(cfg.embed_dim ** 0.5, cfg.dtype)
     hidden = {0: x} if 0 in wanted else {}
     specs = layer_specs(cfg)
+    new_layers = []
     if cfg.scan_layers and cache is None:
       x, hidden = self._scan_blocks(x, specs, depth, wanted, hidden, positions, mask, slots)
-      new_layers = []
     else:
-      new_layers = []
       run_block = _rematerialized(cfg.remat) if cache is None else _call_block
       for i in range(depth):
         layer_cache = None if cache is None else cache["layers"][i]

@@ -98,7 +98,7 @@ def placement(mesh: Mesh, shapes=None, rules: Mapping[str | None, MeshAxes] = LO
   return place
 
 
-def _plain(key) -> Any:
+def key_name(key) -> Any:
   """A jax key-path entry -> the plain dict key / attribute name / index it stands for."""
   for attr in ("key", "name", "idx"):
     if hasattr(key, attr):
@@ -125,7 +125,7 @@ def _axes_by_suffix(params) -> dict[tuple, Any]:
   for keypath, var in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)[0]:
     if not _is_variable(var) or _var_axes(var) is None:
       continue
-    path = tuple(map(_plain, keypath))
+    path = tuple(map(key_name, keypath))
     entry = (tuple(_var_axes(var)), tuple(var.shape))
     for k in range(len(path)):
       table[path[k:]] = entry if table.get(path[k:], entry) == entry else _AMBIGUOUS
@@ -144,7 +144,7 @@ def state_shardings(tree, mesh: Mesh, params=None, rules: Mapping[str | None, Me
   replicated = NamedSharding(mesh, P())
 
   def by_path(keypath, shape):
-    path = tuple(map(_plain, keypath))
+    path = tuple(map(key_name, keypath))
     for k in range(len(path)):
       entry = table.get(path[k:])
       if entry is not None and entry is not _AMBIGUOUS and entry[1] == shape:
@@ -155,7 +155,7 @@ def state_shardings(tree, mesh: Mesh, params=None, rules: Mapping[str | None, Me
     if _is_variable(x):
       axes = _var_axes(x)
       shape = tuple(x.shape)
-      return x.replace(param_sharding(tuple(map(_plain, keypath)), axes, shape, mesh, rules) if axes is not None
+      return x.replace(param_sharding(tuple(map(key_name, keypath)), axes, shape, mesh, rules) if axes is not None
                        else by_path(keypath, shape))
     return by_path(keypath, tuple(np.shape(x)))
 

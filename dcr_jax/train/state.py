@@ -11,6 +11,7 @@ from flax import nnx, struct
 
 from dcr_jax.model import Decoder
 from dcr_jax.model.layers import LoRAParam
+from dcr_jax.parallel.sharding import key_name
 
 
 class TrainState(struct.PyTreeNode):
@@ -38,19 +39,12 @@ def layers_up_to(layer: int) -> Callable:
   return keep
 
 
-def _key(entry) -> object:
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return getattr(entry, attr)
-  return entry
-
-
 def keep_layers_from(layer: int, old, new):
   """`new` params with rows ≥ `layer` of every stacked block weight ("layers" leaf with a leading layer axis, as
   under `scan_layers`) taken bitwise from `old`; per-layer (unstacked) params pass through unchanged."""
 
   def pick(path, before, after):
-    keys = [_key(k) for k in path]
+    keys = [key_name(k) for k in path]
     if not keys or keys[0] != "layers" or (len(keys) > 1 and str(keys[1]).isdigit()):
       return after
     rows = (jnp.arange(after.shape[0]) < layer).reshape((-1,) + (1,) * (after.ndim - 1))
