@@ -31,7 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.constrain_activations = False
 
   c.data = ml_collections.ConfigDict()
-  # Each is a comma-separated list of `builtin:NAME`, local files or `hf:ID[:CONFIG][:SPLIT]` (see README).
+  # Each is a comma-separated list of `builtin:NAME`, local files or `hf:ID[:CONFIG][:SPLIT]`, each optionally
+  # narrowed to the rows the file labels LABEL (`#LABEL`) and to rows START:STOP (`@START:STOP`); see README.
   c.data.toxic = "builtin:toxic"  # stage 1 toxic class
   c.data.seemingly_toxic = "builtin:seemingly_toxic"  # stage 1 seemingly toxic class
   c.data.benign_class = ""  # optional third stage-1 class
@@ -43,6 +44,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.n_seemingly_toxic = 0
   c.data.n_general = 0
   c.data.n_harmful = 0
+  # Validation prompts (held out from training): each saved checkpoint logs their mean refusal probability.
+  c.data.val_toxic = ""
+  c.data.val_seemingly_toxic = ""
+  c.data.n_val = 64  # seeded subsample of each validation set; 0 = all
 
   c.refine = ml_collections.ConfigDict()
   c.refine.layer = "middle"  # "middle", "9" or a list "6,9"; ℓ counts blocks from the embedding (ℓ = 0)
@@ -102,7 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.kernels = ml_collections.ConfigDict()  # python -m dcr_jax.kernels
   c.kernels.n_per_group = 4  # prompts per group (seemingly toxic, toxic, general)
   c.kernels.top_k = 10  # |S|: top-k tokens of the base model's first-token distribution
-  c.kernels.params = "all"  # all | up_to_layer | lora | last_n
+  c.kernels.params = "all"  # all | up_to_layer | lora | last_n | blocks (no embedding)
   c.kernels.layer = 9  # for up_to_layer
   c.kernels.last_n = 2  # for last_n
   c.kernels.method = "jvp_vjp"  # jvp_vjp | jacobian

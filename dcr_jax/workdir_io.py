@@ -44,6 +44,13 @@ def ensure_dir(path: epath.PathLike) -> None:
     as_path(path).mkdir(parents=True, exist_ok=True)
 
 
+def default_file_mode() -> int:
+  """The mode open() would give a new file under the current umask (0o666 minus the umask)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  return 0o666 & ~umask
+
+
 def write_text_atomic(path: epath.PathLike, text: str) -> None:
   """Replaces `path` with `text` so a reader never sees a half-written file: temp file + rename locally, one object
   write (atomic per object) remotely."""
@@ -54,6 +61,7 @@ def write_text_atomic(path: epath.PathLike, text: str) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.fspath(path.parent), prefix=f".{path.name}.")
   try:
+    os.fchmod(fd, default_file_mode())  # mkstemp makes 0600; the result should read like any file written here
     with os.fdopen(fd, "w", encoding="utf-8") as f:
       f.write(text)
     os.replace(tmp, os.fspath(path))

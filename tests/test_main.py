@@ -77,10 +77,17 @@ def test_tiny_pipeline_with_scanned_layers_and_lora(tmp_path):
   workdir = tmp_path / "scan"
   result = run_main("--config=configs/tiny.py", "--config.model.scan_layers=True", "--config.model.remat=full",
                     "--config.align.lora_rank=4", "--config.refine.steps=6", "--config.align.steps=6",
+                    "--config.checkpoint.every=3", "--config.data.val_toxic=builtin:toxic@0::2",
+                    "--config.data.val_seemingly_toxic=builtin:seemingly_toxic@1::2", "--config.data.n_val=4",
                     f"--workdir={workdir}")
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((workdir / "report.json").read_text())
   assert set(report["stages"]) == {"refine", "align", "evaluate"}
   assert report["stages"]["align"]["steps"] == 6 and report["eval"]["demo-harmful"]["n"] == 16
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  validated = [(r["stage"], r["step"]) for r in rows if "val_refusal_prob_toxic" in r]
+  assert validated == [("refine", 3), ("refine", 6), ("align", 3), ("align", 6)]  # at every saved step
+  values = [r["val_refusal_prob_seemingly_toxic"] for r in rows if "val_refusal_prob_toxic" in r]
+  assert all(0 < v < 1 for v in values) and len(set(values)) == 4  # the params changed between saves
   probe = report["stages"]["refine"]["probe"]
   assert probe["after"]["across"] < probe["before"]["across"]

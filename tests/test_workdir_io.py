@@ -207,3 +207,15 @@ def test_local_workdir_keeps_atomic_replace_and_append(tmp_path):
   assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
   assert any((tmp_path / "tensorboard").iterdir()) and writer._tb_local is None
   assert runner.last_logged(tmp_path / "metrics.jsonl", "refine", "loss") == 0.5
+
+
+def test_atomic_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+  old = os.umask(0o022)
+  try:
+    pipeline.write_json(tmp_path / "report.json", {"a": 1})
+    from dcr_jax.data.loaders import write_jsonl
+    write_jsonl([{"a": 1}], tmp_path / "rows.jsonl")
+  finally:
+    os.umask(old)
+  assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o644
+  assert (tmp_path / "rows.jsonl").stat().st_mode & 0o777 == 0o644

@@ -6,6 +6,7 @@ Every batch is a pure function of (seed, step), so a resumed run sees exactly th
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -19,18 +20,53 @@ BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 CLASS_IDS = {"toxic": 0, "seemingly_toxic": 1, "benign": 2}
 
 
+_ROWS = re.compile(r"@(\d*):(\d*)(?::(\d+))?$")
+_ONLY_LABEL = re.compile(r"#(" + "|".join(CLASS_IDS) + r")$")
+
+
+def parse_selectors(spec: str) -> tuple[str, str | None, slice | None]:
+  """`SPEC[#LABEL][@START:STOP[:STEP]]` -> (SPEC, LABEL, rows): keep the records the file itself labels LABEL, then
+  the Python slice START:STOP:STEP of those (file order, before any subsample), so that disjoint parts of one file
+  can feed different uses (e.g. `@0:500` and `@500:1500`, or `@0::2` and `@1::2`)."""
+  rows = _ROWS.search(spec)
+  if rows:
+    start, stop, step = (int(x) if x else None for x in rows.groups())
+    if (start is not None and stop is not None and stop <= start) or step == 0:
+      raise UserError(f"{spec}: empty row selection {rows.group(0)}; write @START:STOP[:STEP] with STOP > START "
+                      "and STEP > 0")
+    spec, rows = spec[:rows.start()], slice(start, stop, step)
+  only = _ONLY_LABEL.search(spec)
+  if only:
+    spec = spec[:only.start()]
+  return spec, only.group(1) if only else None, rows
+
+
 def load_spec_list(specs: str, *, label: str | None = None, n: int | None = None, seed: int = 0,
                    key: str = "data") -> list[dict]:
-  """Records from a comma-separated list of specs: `builtin:NAME`, a local file, or `hf:ID[:CONFIG][:SPLIT]`."""
+  """Records from a comma-separated list of specs: `builtin:NAME`, a local file, or `hf:ID[:CONFIG][:SPLIT]`, each
+  optionally narrowed by `#LABEL` and `@START:STOP` (`parse_selectors`); `label` then relabels every record."""
   records = []
-  for spec in [s.strip() for s in str(specs).split(",") if s.strip()]:
+  for full_spec in [s.strip() for s in str(specs).split(",") if s.strip()]:
+    spec, only, rows = parse_selectors(full_spec)
     if spec.startswith("builtin:"):
       path = BUILTIN_DIR / f"{spec[len('builtin:'):]}.jsonl"
       if not path.is_file():
         known = ", ".join(sorted(p.stem for p in BUILTIN_DIR.glob("*.jsonl")))
         raise UserError(f"config.{key}: unknown built-in set {spec!r}; known: {known}")
       spec = str(path)
-    records += load_records(spec, label=label)
+    if only is None:
+      part = load_records(spec, label=label)
+    else:
+      try:
+        part = [r for r in load_records(spec) if r["label"] == only]
+      except DataError as e:
+        raise UserError(f"config.{key}: {full_spec}: #{only} needs a file that labels its rows ({e})") from None
+      part = [{**r, "label": label or r["label"]} for r in part]
+    if rows is not None:
+      part = part[rows]
+    if not part:
+      raise UserError(f"config.{key}: {full_spec} selects no records; check the #label and @start:stop")
+    records += part
   if n is not None and n < len(records):
     keep = np.sort(np.random.default_rng(seed).choice(len(records), n, replace=False))
     records = [records[i] for i in keep]

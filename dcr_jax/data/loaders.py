@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from dcr_jax.errors import UserError
+from dcr_jax.workdir_io import default_file_mode
 
 LABELS = ("toxic", "seemingly_toxic", "benign")
 HF_PREFIX = "hf:"
@@ -362,6 +363,7 @@ def write_jsonl(records: Iterable[Mapping[str, Any]], path: str | os.PathLike) -
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
+    os.fchmod(fd, default_file_mode())
     with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
       for record in records:
         f.write(json.dumps(record, ensure_ascii=False) + "\n")

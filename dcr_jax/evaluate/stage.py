@@ -21,19 +21,31 @@ from dcr_jax.workdir_io import append_text, as_path, ensure_dir, is_remote
 
 
 def suite_list(config) -> list[str]:
-  return [s.strip() for s in str(config.evaluate.suites).split(",") if s.strip()]
+  """The suite names of config.evaluate.suites (each entry is NAME or NAME:N)."""
+  return list(suite_sizes(config))
+
+
+def suite_sizes(config) -> dict[str, int | None]:
+  """Suite name -> prompts to evaluate: N from a `NAME:N` entry, else config.evaluate.n (0 or None = all)."""
+  sizes = {}
+  for entry in [s.strip() for s in str(config.evaluate.suites).split(",") if s.strip()]:
+    name, _, count = entry.partition(":")
+    if count and not count.isdigit():
+      raise UserError(f"config.evaluate.suites: {entry!r}; write NAME or NAME:N with N a number of prompts")
+    sizes[name] = int(count) if count else config.evaluate.n
+  return {name: n or None for name, n in sizes.items()}
 
 
 def prepare_evaluate(config, tokenizer, model_config) -> dict:
   """Loads every suite (and checks the judge) before anything is written; raises UserError naming the problem."""
   ec = config.evaluate
-  names = suite_list(config)
-  if not names:
+  sizes = suite_sizes(config)
+  if not sizes:
     raise UserError("config.evaluate.suites is empty; name at least one suite (see README)")
-  for name in names:
+  for name in sizes:
     get_suite(name)  # every name is checked before any data is read
   data_root = ec.data_root or None
-  suites = {name: load_suite(name, data_root=data_root, n=ec.n or None, seed=config.seed) for name in names}
+  suites = {name: load_suite(name, data_root=data_root, n=n, seed=config.seed) for name, n in sizes.items()}
   return {"suites": suites, "judge": make_judge(ec.judge)}
 
 

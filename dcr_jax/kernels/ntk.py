@@ -30,7 +30,7 @@ from dcr_jax.model.layers import LoRAParam
 from dcr_jax.train.state import layers_up_to
 
 Array = jax.Array
-KINDS = ("all", "up_to_layer", "lora", "last_n")
+KINDS = ("all", "up_to_layer", "lora", "last_n", "blocks")
 METHODS = ("jvp_vjp", "jacobian")
 
 
@@ -44,10 +44,12 @@ def param_filter(kind: str, *, layer: int | None = None, last_n: int | None = No
   `all`: every Param (LoRA adapters included when attached). `up_to_layer`: the embedding and blocks < `layer` (the
   stage-1 set of Proposition 1). `lora`: adapters only. `last_n`: the last `last_n` blocks, the final norm and the
   head (with tied embeddings the shared embedding matrix, whose gradient is dominated by its use as the head);
-  `last_n` needs `config` for the depth.
+  `last_n` needs `config` for the depth. `blocks`: every block's params (adapters included), no embedding or head.
   """
   if kind == "all":
     return nnx.Param
+  if kind == "blocks":
+    return lambda path, variable: isinstance(variable, nnx.Param) and path[0] == "layers"
   if kind == "lora":
     return LoRAParam
   if kind == "up_to_layer":

@@ -8,7 +8,7 @@ from dcr_jax.data.batching import SFTMixture, load_refusals, load_spec_list, tok
 from dcr_jax.data.loaders import DataError
 from dcr_jax.errors import UserError
 from dcr_jax.model.lora import TARGETS as LORA_TARGETS, attach_lora
-from dcr_jax.train.runner import StageRun
+from dcr_jax.train.runner import StageRun, load_validation
 from dcr_jax.train.state import make_optimizer, trainable_filter
 from dcr_jax.train.steps import make_align_step
 
@@ -48,7 +48,8 @@ def prepare_align(config, tokenizer, model_config) -> dict:
   sources = load_align_data(config, tokenizer)
   weights = {"general": ac.general_weight, "safety": ac.safety_weight, "aug": ac.aug_weight}
   return {"sources": sources, "targets": targets,
-          "mixture": SFTMixture(sources, weights, ac.batch_size, ac.max_len, config.seed, pack=ac.pack)}
+          "mixture": SFTMixture(sources, weights, ac.batch_size, ac.max_len, config.seed, pack=ac.pack),
+          "validation": load_validation(config)}
 
 
 def _align_run(ctx, targets) -> StageRun:
@@ -76,6 +77,6 @@ def run_align(ctx, prepared: dict) -> dict:
   sources, mixture = prepared["sources"], prepared["mixture"]
   run = _align_run(ctx, prepared["targets"])
   step = make_align_step(run.graphdef, run.optimizer, grad_accum=ac.grad_accum)
-  summary = run.train(step, mixture.batch, steps=ac.steps, log_every=ac.log_every)
+  summary = run.train(step, mixture.batch, steps=ac.steps, log_every=ac.log_every, validation=prepared["validation"])
   summary["examples"] = {name: len(s) for name, s in sources.items()}
   return summary

@@ -96,8 +96,10 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState, shardings)
 
 def train_loop(*, stage: str, step_fn: Callable, state: TrainState, batch_fn: Callable[[int], dict],
                num_steps: int, manager: ocp.CheckpointManager, save_every: int, log_every: int,
-               writer: MetricsWriter, show_progress: bool = True) -> tuple[TrainState, dict]:
-  """Runs steps state.step..num_steps-1; saves every `save_every` steps and at the end. Returns (state, summary)."""
+               writer: MetricsWriter, show_progress: bool = True,
+               on_save: Callable[[int, TrainState], dict] | None = None) -> tuple[TrainState, dict]:
+  """Runs steps state.step..num_steps-1; saves every `save_every` steps and at the end, logging `on_save`'s metrics
+  (e.g. validation) for each saved step. Returns (state, summary)."""
   start = int(jax.device_get(state.step))
   last_loss, seconds, tokens = None, 0.0, 0.0
   bar = tqdm(total=num_steps, initial=start, desc=stage, disable=not show_progress, dynamic_ncols=True)
@@ -122,6 +124,8 @@ def train_loop(*, stage: str, step_fn: Callable, state: TrainState, batch_fn: Ca
       writer.write(stage, step + 1, {**metrics, "tokens_per_second": batch_tokens / max(elapsed, 1e-9)})
     if (step + 1) % save_every == 0 or step + 1 == num_steps:
       manager.save(step + 1, args=ocp.args.StandardSave(state))
+      if on_save is not None:
+        writer.write(stage, step + 1, on_save(step + 1, state))
   bar.close()
   manager.wait_until_finished()
   return state, {"steps": num_steps, "final_loss": last_loss, "train_seconds": round(seconds, 2),

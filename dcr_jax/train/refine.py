@@ -9,7 +9,7 @@ from dcr_jax.errors import UserError
 from dcr_jax.train import probe
 from dcr_jax.train.state import make_optimizer, trainable_filter
 from dcr_jax.train.steps import make_refine_step
-from dcr_jax.train.runner import StageRun
+from dcr_jax.train.runner import StageRun, load_validation
 
 
 def parse_layers(spec, num_layers: int) -> list[int]:
@@ -58,7 +58,8 @@ def prepare_refine(config, tokenizer, model_config) -> dict:
   return {"layers": layers, "train": train, "holdout": holdout,
           "sampler": BalancedSampler(train.labels, rc.batch_size, ratio, config.seed),
           "loss_kwargs": {k: rc[k] for k in LOSS_KWARGS[rc.loss]},
-          "lm_batches": _lm_batches(config, tokenizer) if rc.lm_weight > 0 else None}
+          "lm_batches": _lm_batches(config, tokenizer) if rc.lm_weight > 0 else None,
+          "validation": load_validation(config)}
 
 
 def run_refine(ctx, prepared: dict) -> dict:
@@ -81,7 +82,7 @@ def run_refine(ctx, prepared: dict) -> dict:
                     "lm_segments": lm["segments"], "lm_positions": lm["positions"]})
     return batch
 
-  summary = run.train(step, batch_fn, steps=rc.steps, log_every=rc.log_every)
+  summary = run.train(step, batch_fn, steps=rc.steps, log_every=rc.log_every, validation=prepared["validation"])
   summary["layers"] = layers
   if rc.probe:
     summary["probe"] = {"before": probe_before, "after": _probe(ctx.model, train, holdout, layers[0], rc.pooling)}

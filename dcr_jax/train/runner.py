@@ -37,8 +37,9 @@ class StageRun:
     """Puts this stage's (restored) params into ctx.model."""
     nnx.update(self.ctx.model, self.state.params, self.state.frozen)
 
-  def train(self, step, batch_fn, *, steps: int, log_every: int) -> dict:
-    """Compiles `step` once for this stage's shardings, runs the loop, and updates ctx.model in place."""
+  def train(self, step, batch_fn, *, steps: int, log_every: int, validation: dict | None = None) -> dict:
+    """Compiles `step` once for this stage's shardings, runs the loop, and updates ctx.model in place. With
+    `validation` (group -> prompts, `load_validation`), each saved step also logs `val_refusal_prob_<group>`."""
     mesh = self.ctx.mesh
     example = batch_fn(int(jax.device_get(self.state.step)) if steps else 0)
     batch_shardings = {k: parallel.batch_sharding(mesh, np.ndim(v)) for k, v in example.items()}
@@ -52,12 +53,40 @@ class StageRun:
 
     state, summary = train_loop(stage=self.name, step_fn=compiled, state=self.state, batch_fn=placed_batch,
                                 num_steps=steps, manager=self.manager, save_every=self.save_every,
-                                log_every=log_every, writer=self.ctx.writer, show_progress=jax.process_index() == 0)
+                                log_every=log_every, writer=self.ctx.writer, show_progress=jax.process_index() == 0,
+                                on_save=self._validator(validation) if validation else None)
     self.state = state
     self.hand_over()
     if summary["final_loss"] is None:  # the stage had already finished: report its last logged loss
       summary["final_loss"] = last_logged(as_path(self.ctx.workdir) / "metrics.jsonl", self.name, "loss")
     return summary
+
+
+  def _validator(self, validation: dict):
+    from dcr_jax.evaluate.refusal_prob import refusal_probability
+    from dcr_jax.model import unstack_layers
+
+    def validate(step: int, state) -> dict:
+      """Mean teacher-forced refusal probability of each validation group under the saved params."""
+      model = unstack_layers(nnx.merge(self.graphdef, state.params, state.frozen))
+      return {f"val_refusal_prob_{group}": float(np.mean(refusal_probability(model, self.ctx.tokenizer, prompts, batch_size=32)))
+              for group, prompts in validation.items()}
+
+    return validate
+
+
+def load_validation(config) -> dict:
+  """Validation prompts by group from data.val_toxic / data.val_seemingly_toxic (n_val seeded each); {} if unset."""
+  from dcr_jax.data.batching import load_spec_list
+
+  data = config.data
+  groups = {}
+  for group in ("toxic", "seemingly_toxic"):
+    spec = data[f"val_{group}"]
+    if spec:
+      records = load_spec_list(spec, label=group, n=data.n_val or None, seed=config.seed + 29, key=f"data.val_{group}")
+      groups[group] = [r["prompt"] for r in records]
+  return groups
 
 
 def last_logged(path, stage: str, key: str):

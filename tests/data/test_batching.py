@@ -84,3 +84,37 @@ def test_mixture_follows_weights():
   mix = SFTMixture({"a": a, "b": b}, {"a": 0.8, "b": 0.2}, batch_size=4, max_len=3, seed=0, pack=False)
   firsts = np.concatenate([mix.batch(s)["tokens"][:, 0] for s in range(200)])
   assert 0.75 < np.mean(firsts == 1) < 0.85
+
+
+def _write_csv(path, rows):
+  path.write_text("id,prompt,type,label,focus,note\n" + "".join(
+      f"{i},prompt {i},{kind},{label},x,\n" for i, (kind, label) in enumerate(rows)), encoding="utf-8")
+  return str(path)
+
+
+def test_selectors_pick_disjoint_rows_in_file_order(tmp_path):
+  spec = _write_csv(tmp_path / "x.csv", [("homonyms", "safe"), ("contrast_homonyms", "unsafe")] * 5)
+  safe = load_spec_list(spec + "#seemingly_toxic")
+  assert [r["prompt"] for r in safe] == [f"prompt {i}" for i in range(0, 10, 2)]
+  assert {r["label"] for r in load_spec_list(spec + "#toxic")} == {"toxic"}
+  first, rest = load_spec_list(spec + "#seemingly_toxic@0:2"), load_spec_list(spec + "#seemingly_toxic@2:")
+  assert [r["prompt"] for r in first + rest] == [r["prompt"] for r in safe]
+  even, odd = load_spec_list(spec + "@0::2"), load_spec_list(spec + "@1::2")
+  assert {r["prompt"] for r in even} | {r["prompt"] for r in odd} == {f"prompt {i}" for i in range(10)}
+  assert not {r["prompt"] for r in even} & {r["prompt"] for r in odd}
+  relabelled = load_spec_list(spec + "#seemingly_toxic@1:3", label="benign")
+  assert [(r["prompt"], r["label"]) for r in relabelled] == [("prompt 2", "benign"), ("prompt 4", "benign")]
+
+
+def test_selector_errors_name_the_spec(tmp_path):
+  spec = _write_csv(tmp_path / "x.csv", [("homonyms", "safe")] * 3)
+  with pytest.raises(UserError, match=r"x.csv@5:2: empty row selection"):
+    load_spec_list(spec + "@5:2")
+  with pytest.raises(UserError, match=r"config.data.toxic: .*#toxic selects no records"):
+    load_spec_list(spec + "#toxic", key="data.toxic")
+  with pytest.raises(UserError, match=r"config.data.toxic: .*@7: selects no records"):
+    load_spec_list(spec + "@7:", key="data.toxic")
+  advbench = tmp_path / "adv.csv"
+  advbench.write_text("goal,target\nDo harm,Sure\n", encoding="utf-8")
+  with pytest.raises(UserError, match=r"#toxic needs a file that labels its rows"):
+    load_spec_list(f"{advbench}#toxic", key="data.toxic")

@@ -69,3 +69,17 @@ def test_unknown_suite_lists_known_ones(ctx_factory, tmp_path):
   with pytest.raises(Exception) as e:
     stage.prepare_evaluate(ctx.config, ctx.tokenizer, ctx.model.config)
   assert "nope" in str(e.value) and "advbench" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_per_suite_prompt_counts(ctx_factory, tmp_path):
+  ctx = ctx_factory(tmp_path)
+  ctx.config.evaluate.suites = "demo-over-refusal:3,demo-harmful"
+  assert stage.suite_sizes(ctx.config) == {"demo-over-refusal": 3, "demo-harmful": 6}
+  prepared = stage.prepare_evaluate(ctx.config, ctx.tokenizer, ctx.model.config)
+  assert {name: len(records) for name, records in prepared["suites"].items()} == {"demo-over-refusal": 3,
+                                                                                   "demo-harmful": 6}
+  ctx.config.evaluate.n = 0
+  assert stage.suite_sizes(ctx.config)["demo-harmful"] is None  # 0 = all
+  ctx.config.evaluate.suites = "demo-harmful:ten"
+  with pytest.raises(Exception, match=r"'demo-harmful:ten'; write NAME or NAME:N"):
+    stage.prepare_evaluate(ctx.config, ctx.tokenizer, ctx.model.config)

@@ -21,7 +21,7 @@ from dcr_jax.kernels.similarity import kernel_cosine, kernel_matrix  # noqa: E40
 from dcr_jax.model import Decoder, tiny  # noqa: E402
 from dcr_jax.model.lora import attach_lora  # noqa: E402
 
-KINDS = {"all": {}, "up_to_layer": {"layer": 1}, "lora": {}, "last_n": {"last_n": 1}}
+KINDS = {"all": {}, "up_to_layer": {"layer": 1}, "lora": {}, "last_n": {"last_n": 1}, "blocks": {}}
 IDS = np.array([3, 10, 20], np.int32)
 N = 3  # prompts: with chunk_size 2 the last chunk is padded
 
@@ -227,7 +227,7 @@ def test_token_sets(setup):
 def test_subsets_and_errors(setup):
   model = setup["model"]
   counts = {kind: len(jax.tree.leaves(split(setup, kind)[1])) for kind in KINDS}
-  assert counts == {"all": 36, "up_to_layer": 18, "lora": 8, "last_n": 19}
+  assert counts == {"all": 36, "up_to_layer": 18, "lora": 8, "last_n": 19, "blocks": 34}
   bare = nnx.eval_shape(lambda: Decoder(model.config, rngs=nnx.Rngs(0)))
   with pytest.raises(UserError, match="attach_lora"):
     ntk.split_params(bare, "lora")
