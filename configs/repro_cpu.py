@@ -15,7 +15,7 @@ that no prompt is used twice:
       in-distribution for DCR; the 200 unsafe contrasts are evaluation only.
     dcr_jax built-in seemingly toxic prompts (126, written for this project, 9 XSTest-style types, grouped by type):
       even rows: STL-aug's seemingly toxic -> helpful pairs; odd rows: validation (seemingly toxic side).
-    Alpaca-cleaned 2k: stage-2 general instruction data.
+    Alpaca-cleaned 2k, Alpaca-GPT4 demo and rasbt instruction data (4,099 pairs): stage-2 general data.
 
 Hyper-parameters that the paper leaves open were chosen on the validation split only (docs/reproduction.md).
 """
@@ -24,6 +24,8 @@ from dcr_jax.config import base_config
 
 DATA = "../shared/data"
 STL_FILE = f"{DATA}/safety_tuned_llamas/training/safety_only_data_Instructions.json"
+GENERAL_FILES = ("alpaca_cleaned_2k/alpaca_small.json", "alpaca_gpt4_demo/alpaca_en_demo.json",
+                 "rasbt_instruction_data/instruction-data.json")
 RUNS = ("dcr", "stl", "stl-aug")
 
 
@@ -37,7 +39,7 @@ def get_config(run: str = "dcr"):
 
   config.data.toxic = f"{STL_FILE}@0:500"
   config.data.seemingly_toxic = f"{DATA}/xstest/xstest_prompts.csv#seemingly_toxic"
-  config.data.general = f"{DATA}/alpaca_cleaned_2k/alpaca_small.json"
+  config.data.general = ",".join(f"{DATA}/{f}" for f in GENERAL_FILES)
   config.data.harmful = f"{STL_FILE}@500:1500"
   config.data.helpful_seemingly = "builtin:seemingly_toxic@0::2"
   config.data.val_toxic = f"{STL_FILE}@1500:"
@@ -59,8 +61,12 @@ def get_config(run: str = "dcr"):
   config.align.lora_alpha = 32.0
   config.align.lr = 3e-4
   config.align.warmup = 6
-  config.align.general_weight, config.align.safety_weight = 0.95, 0.05  # the paper's ~1k : 20k
-  config.align.aug_weight = 0.05 if run == "stl-aug" else 0.0
+  # The paper mixes 1k safety pairs into 20k general examples (~5%). Here only ~4.1k general examples exist, so one
+  # epoch of all the data is 1,000 : 4,099 (~20%), the closest ratio the data allows; sampling follows it. STL-aug's
+  # pairs take their share from the general data so that all three runs see the same amount of safety data.
+  config.align.general_weight, config.align.safety_weight = 0.8, 0.2
+  if run == "stl-aug":
+    config.align.general_weight, config.align.aug_weight = 0.7, 0.1
   config.align.log_every = 4
 
   config.checkpoint.every = 32  # two stage-2 checkpoints to track kernels over

@@ -21,10 +21,10 @@ Caveat: the probability is of these *token sequences*. A model that writes the s
 (e.g. "I cannot," merged differently by BPE) is not counted. The listed openings end at a word boundary, where
 byte-level BPE and SentencePiece vocabularies normally split, which keeps this rare.
 
-Batching: every (prompt, opening) pair is one row ``prompt ids + opening ids``; rows are right-padded to a multiple
-of ``bucket`` (32) tokens in batches of ``batch_size`` (the last batch is padded with copies) and the opening slots
-to a multiple of 8, so few shapes get compiled. One jitted forward per batch keeps the final residual stream at the
-opening positions only and computes logits there ([B K V], not [B T V], which matters at a 262k vocabulary).
+Batching: `batch_size` prompts at a time are left-padded to a multiple of ``bucket`` (32) tokens (the last batch is
+padded with copies) and run once, filling a KV cache; each opening (right-padded to a multiple of 8 slots) then runs
+from that cache for the whole batch. A prompt is computed once rather than once per opening, and logits exist only
+at the opening positions ([B K V], not [B T V], which matters at a 262k vocabulary).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from dcr_jax.errors import UserError
-from dcr_jax.evaluate.generate import bucket_length
+from dcr_jax.evaluate.generate import bucket_length, left_pad
 from dcr_jax.weights.tokenizer import END_TURN, encode_chat
 
 # Short, word-boundary openings that current chat models (and the project's built-in refusals) start refusals with.
@@ -94,23 +94,35 @@ def opening_token_ids(tokenizer, openings: Sequence[str] = REFUSAL_OPENINGS) -> 
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _row_log_probs(graphdef, state, tokens, mask, index, targets, weights):
-  """tokens/mask [B T]; index/targets/weights [B K] -> [B] sum_k weights * log p(targets | prefix up to index)."""
+def _shared_prefix_log_probs(graphdef, state, tokens, mask, continuations, cont_mask):
+  """tokens/mask [B T] left-padded contexts; continuations/cont_mask [M K] right-padded -> [B M] summed log p.
+
+  Each context runs once and fills a KV cache; every continuation then runs [B K] from that cache (one `lax.map`
+  step per continuation), so a context is not recomputed M times and logits stay [B K V]."""
   model = nnx.merge(graphdef, state)
+  b, t = tokens.shape
+  k = continuations.shape[1]
   depth = model.config.num_layers
-  hidden = model(tokens, mask=mask, return_hidden=(depth,)).hidden[depth]  # [B T D]; unused logits are DCE'd
-  picked = jnp.take_along_axis(hidden, index[..., None], axis=1)  # [B K D]
-  logits = model.logits(model.final_norm(picked))  # [B K V] float32
-  log_probs = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
-  return jnp.sum(jnp.where(weights, log_probs, 0.0), axis=-1)
+  prefill = model(tokens, mask=mask, cache=model.init_cache(b, t + k), return_hidden=(depth,))
+  last = prefill.hidden[depth][:, -1:]  # [B 1 D] predicts each continuation's first token
+
+  def one(continuation):
+    ids, valid = continuation  # [K]
+    rows, rows_mask = jnp.broadcast_to(ids, (b, k)), jnp.broadcast_to(valid, (b, k))
+    hidden = model(rows, mask=rows_mask, cache=prefill.cache, return_hidden=(depth,)).hidden[depth]  # [B K D]
+    logits = model.logits(model.final_norm(jnp.concatenate([last, hidden[:, :-1]], axis=1)))  # [B K V] float32
+    log_probs = jnp.take_along_axis(logits, rows[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+    return jnp.sum(jnp.where(rows_mask != 0, log_probs, 0.0), axis=-1)  # [B]
+
+  return jax.lax.map(one, (continuations, cont_mask)).T
 
 
 def continuation_log_probs(model, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], *,
                            batch_size: int = 8, pad_id: int = 0, bucket: int = 32) -> np.ndarray:
-  """[N M] float32 log p(continuation m | context n), teacher-forced, in batches of `batch_size` rows.
+  """[N M] float32 log p(continuation m | context n), teacher-forced, `batch_size` contexts at a time.
 
-  Rows (n, m) are ``context + continuation`` right-padded to a multiple of `bucket`; results do not depend on
-  `batch_size`, `bucket` or padding.
+  Contexts are left-padded to a multiple of `bucket` and run once each (KV cache); continuations are right-padded to
+  a multiple of 8. Results do not depend on `batch_size`, `bucket` or padding.
   """
   if batch_size < 1:
     raise UserError(f"batch_size={batch_size}; use a positive batch size")
@@ -119,32 +131,21 @@ def continuation_log_probs(model, contexts: Sequence[Sequence[int]], continuatio
     return np.zeros((0, m), np.float32)
   if any(len(c) == 0 for c in contexts) or any(len(c) == 0 for c in continuations):
     raise UserError("every context and continuation needs at least one token")
-  k_max = bucket_length(max(len(c) for c in continuations), 8)  # opening slots, also bucketed
-  rows = [(i, j) for i in range(n) for j in range(m)]
+  k_max = bucket_length(max(len(c) for c in continuations), 8)
+  conts = np.full((m, k_max), pad_id, np.int32)
+  cont_mask = np.zeros((m, k_max), np.int32)
+  for j, cont in enumerate(continuations):
+    conts[j, :len(cont)], cont_mask[j, :len(cont)] = cont, 1
   graphdef, state = nnx.split(model)
-  out = np.zeros(len(rows), np.float32)
-  for start in range(0, len(rows), batch_size):
-    chunk = rows[start:start + batch_size]
-    chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one compiled batch shape
-    length = bucket_length(max(len(contexts[i]) + len(continuations[j]) for i, j in chunk), bucket)
-    tokens = np.full((batch_size, length), pad_id, np.int32)
-    mask = np.zeros((batch_size, length), np.int32)
-    index = np.zeros((batch_size, k_max), np.int32)
-    targets = np.zeros((batch_size, k_max), np.int32)
-    weights = np.zeros((batch_size, k_max), bool)
-    for b, (i, j) in enumerate(chunk):
-      context, cont = contexts[i], continuations[j]
-      seq = list(context) + list(cont)
-      tokens[b, :len(seq)] = seq
-      mask[b, :len(seq)] = 1
-      k = len(cont)
-      index[b, :k] = np.arange(len(context) - 1, len(context) - 1 + k)  # logits at t predict token t + 1
-      targets[b, :k] = cont
-      weights[b, :k] = True
-    result = np.asarray(_row_log_probs(graphdef, state, tokens, mask, index, targets, weights))
-    count = min(batch_size, len(rows) - start)
-    out[start:start + count] = result[:count]
-  return out.reshape(n, m)
+  out = np.zeros((n, m), np.float32)
+  for start in range(0, n, batch_size):
+    chunk = list(contexts[start:start + batch_size])
+    count = len(chunk)
+    chunk += [chunk[-1]] * (batch_size - count)  # one compiled batch shape per length bucket
+    tokens, mask = left_pad(chunk, bucket_length(max(len(c) for c in chunk), bucket), pad_id)
+    result = _shared_prefix_log_probs(graphdef, state, tokens, mask, conts, cont_mask)
+    out[start:start + count] = np.asarray(result)[:count]
+  return out
 
 
 def refusal_probability(model, tokenizer, prompts: Sequence[str], *, openings: Sequence[str] = REFUSAL_OPENINGS,
@@ -152,7 +153,8 @@ def refusal_probability(model, tokenizer, prompts: Sequence[str], *, openings: S
   """[N] probability that the answer to each chat-templated prompt opens with one of `openings` (in [0, 1]).
 
   The sum over the prefix-free subset of the openings (``opening_token_ids``) of the product of their token
-  probabilities; one forward per batch of `batch_size` (prompt, opening) rows, no generation.
+  probabilities; `batch_size` prompts per forward, each run once (KV cache) and continued by every opening; no
+  generation.
   """
   prompts = list(prompts)
   if isinstance(openings, str):
