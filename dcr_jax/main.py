@@ -43,11 +43,24 @@ def run(config, workdir: epath.Path) -> dict:
     started = time.time()
     summary = _STAGES[stage][1]()(ctx, prepared[stage])
     summary["seconds"] = round(time.time() - started, 2)
+    summary = _add_earlier_invocations(report.get("stages", {}).get(stage), summary)
     report = pipeline.update_report(workdir, "stages", stage, summary)
   if pipeline.is_main_process():
     from dcr_jax.report import write_report_md
     write_report_md(workdir)
   return report
+
+
+RESUMED_TOTALS = ("seconds", "train_seconds", "tokens")
+
+
+def _add_earlier_invocations(earlier: dict | None, summary: dict) -> dict:
+  """A stage that resumes work an earlier invocation had finished (a re-run of a finished stage, or evaluation with
+  prompts already done) reports the totals over both: time and tokens add up instead of being overwritten."""
+  resumed = summary.get("resumed_from", 0) > 0 or "resumed_from" not in summary  # evaluate always resumes
+  if not earlier or not resumed:
+    return summary
+  return {**summary, **{k: round(earlier[k] + summary[k], 2) for k in RESUMED_TOTALS if k in earlier and k in summary}}
 
 
 def _restore_trained(ctx) -> None:
