@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU-scale reproduction of docs/reproduction.md, end to end (about 1.5 h on 2 CPU cores).
+# The CPU-scale reproduction of docs/reproduction.md, end to end (about 2 h on 2 CPU cores).
 # Usage: bash docs/reproduce.sh [OUT_DIR]   (default runs/repro; re-running resumes every step)
 set -euo pipefail
 cd "$(dirname "$0")/.."

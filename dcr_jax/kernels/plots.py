@@ -32,28 +32,40 @@ def heatmap(entry: dict, path: Path, measure: str = "ratio") -> None:
   plt.close(fig)
 
 
-def _cross(entry: dict, measure: str) -> float:
+def _pair(entry: dict, measure: str, row: str, col: str) -> float:
   names = entry["groups"]
-  a, b = names.index("toxic"), names.index("seemingly_toxic")
-  values = np.asarray(entry[measure])
-  return float((values[a, b] + values[b, a]) / 2)
+  return float(np.asarray(entry[measure])[names.index(row), names.index(col)])
 
 
-def curves(runs: dict[str, list[dict]], path: Path, measure: str = "ratio") -> None:
-  """Cross-group (toxic × seemingly toxic) similarity and per-group refusal probability against the step."""
-  fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+_STAGE_ORDER = {"base": 0, "refine": 1, "align": 2}
+
+
+def curves(runs: dict[str, list[dict]], path: Path) -> None:
+  """Against the checkpoint (base, then refine and align steps; every run on one shared axis): the toxic × seemingly
+  toxic cosine, the paper's ratio in both directions (it divides by the row group's own kernel, so it is not
+  symmetric), and each group's refusal probability."""
+  fig, (cos_ax, ratio_ax, refusal_ax) = plt.subplots(1, 3, figsize=(14, 3.8))
+  labels = sorted({(e["stage"], e["step"], e["label"]) for entries in runs.values() for e in entries},
+                  key=lambda k: (_STAGE_ORDER.get(k[0], 3), k[1]))
+  where = {label: i for i, (_, _, label) in enumerate(labels)}
   for run, entries in runs.items():
-    x = np.arange(len(entries))
-    left.plot(x, [_cross(e, measure) for e in entries], marker="o", label=run)
+    x = [where[e["label"]] for e in entries]
+    cos_ax.plot(x, [_pair(e, "cosine", "toxic", "seemingly_toxic") for e in entries], marker="o", label=run)
+    for row, col, style in (("seemingly_toxic", "toxic", "-"), ("toxic", "seemingly_toxic", "--")):
+      ratio_ax.plot(x, [_pair(e, "ratio", row, col) for e in entries], style, marker="o",
+                    label=f"{run}: ‖K({LABELS[row]}, {LABELS[col]})‖ / ‖K({LABELS[row]}, {LABELS[row]})‖")
     for group, style in (("seemingly_toxic", "-"), ("toxic", "--")):
-      right.plot(x, [e["refusal_prob"].get(group, np.nan) for e in entries], style, marker=".",
-                 label=f"{run}: {LABELS[group]}")
-    left.set_xticks(x, [e["label"] for e in entries], rotation=45, ha="right", fontsize=7)
-    right.set_xticks(x, [e["label"] for e in entries], rotation=45, ha="right", fontsize=7)
-  left.set_ylabel(f"toxic × seemingly toxic kernel {measure}")
-  right.set_ylabel("refusal probability")
-  left.legend(fontsize=8)
-  right.legend(fontsize=7)
+      refusal_ax.plot(x, [e["refusal_prob"].get(group, np.nan) for e in entries], style, marker=".",
+                      label=f"{run}: {LABELS[group]}")
+  for ax in (cos_ax, ratio_ax, refusal_ax):
+    ax.set_xticks(range(len(labels)), [label for _, _, label in labels], rotation=45, ha="right", fontsize=7)
+  cos_ax.set_ylabel("toxic × seemingly toxic kernel cosine")
+  ratio_ax.set_ylabel("cross-group kernel ratio")
+  ratio_ax.set_yscale("log")
+  refusal_ax.set_ylabel("refusal probability")
+  cos_ax.legend(fontsize=8)
+  ratio_ax.legend(fontsize=6)
+  refusal_ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
