@@ -69,7 +69,7 @@ def test_tiny_pipeline_trains_evaluates_and_reevaluates(tmp_path):
   again = run_main("--config=configs/tiny.py", "--config.stages=evaluate", f"--workdir={workdir}")
   assert again.returncode == 0, again.stderr[-3000:]
   rerun = json.loads((workdir / "report.json").read_text())["stages"]
-  assert rerun["evaluate"]["seconds"] > report["stages"]["evaluate"]["seconds"]  # totals add up, not overwritten
+  assert rerun["evaluate"]["seconds"] >= report["stages"]["evaluate"]["seconds"]  # a total, not the re-run's time
   assert rerun["align"] == report["stages"]["align"]
   assert (workdir / "eval" / "demo-harmful.jsonl").read_text() == before  # finished prompts are not redone
   assert json.loads((workdir / "config.json").read_text())["stages"] == "refine,align,evaluate"

@@ -61,7 +61,6 @@ class StageRun:
       summary["final_loss"] = last_logged(as_path(self.ctx.workdir) / "metrics.jsonl", self.name, "loss")
     return summary
 
-
   def _validator(self, validation: dict):
     from dcr_jax.evaluate.refusal_prob import refusal_probability
     from dcr_jax.model import unstack_layers
@@ -69,7 +68,8 @@ class StageRun:
     def validate(step: int, state) -> dict:
       """Mean teacher-forced refusal probability of each validation group under the saved params."""
       model = unstack_layers(nnx.merge(self.graphdef, state.params, state.frozen))
-      return {f"val_refusal_prob_{group}": float(np.mean(refusal_probability(model, self.ctx.tokenizer, prompts, batch_size=32)))
+      tokenizer = self.ctx.tokenizer
+      return {f"val_refusal_prob_{group}": float(np.mean(refusal_probability(model, tokenizer, prompts, batch_size=32)))
               for group, prompts in validation.items()}
 
     return validate
@@ -84,7 +84,8 @@ def load_validation(config) -> dict:
   for group in ("toxic", "seemingly_toxic"):
     spec = data[f"val_{group}"]
     if spec:
-      records = load_spec_list(spec, label=group, n=data.n_val or None, seed=config.seed + 29, key=f"data.val_{group}")
+      records = load_spec_list(spec, label=group, n=data.n_val or None, seed=config.seed + 29,
+                               key=f"data.val_{group}")
       groups[group] = [r["prompt"] for r in records]
   return groups
 
