@@ -32,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   # Each is a comma-separated list of `builtin:NAME`, local files or `hf:ID[:CONFIG][:SPLIT]`, each optionally
-  # narrowed to the rows the file labels LABEL (`#LABEL`) and to rows START:STOP (`@START:STOP`); see README.
+  # narrowed to the rows the file labels LABEL (`#LABEL`) and to a slice of rows (`@START:STOP[:STEP]`); see README.
   c.data.toxic = "builtin:toxic"  # stage 1 toxic class
   c.data.seemingly_toxic = "builtin:seemingly_toxic"  # stage 1 seemingly toxic class
   c.data.benign_class = ""  # optional third stage-1 class

@@ -17,7 +17,6 @@ import gzip
 import io
 import json
 import os
-import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from dcr_jax.errors import UserError
-from dcr_jax.workdir_io import default_file_mode
+from dcr_jax.workdir_io import write_text_atomic
 
 LABELS = ("toxic", "seemingly_toxic", "benign")
 HF_PREFIX = "hf:"
@@ -358,19 +357,8 @@ def balance_check(records: Iterable[Mapping[str, Any]]) -> dict[str, int]:
 
 
 def write_jsonl(records: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> None:
-  """Writes one JSON object per line, atomically (temp file in the same folder, then ``os.replace``)."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    os.fchmod(fd, default_file_mode())
-    with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-      for record in records:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
+  """Writes one JSON object per line, atomically (``workdir_io.write_text_atomic``)."""
+  write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -9,6 +9,7 @@ import numpy as np
 from flax import nnx
 
 from dcr_jax import parallel
+from dcr_jax.data.batching import load_spec_list
 from dcr_jax.train.loop import checkpoint_manager, restore_latest, train_loop
 from dcr_jax.train.state import create_state
 from dcr_jax.train.steps import compile_step
@@ -77,8 +78,6 @@ class StageRun:
 
 def load_validation(config) -> dict:
   """Validation prompts by group from data.val_toxic / data.val_seemingly_toxic (n_val seeded each); {} if unset."""
-  from dcr_jax.data.batching import load_spec_list
-
   data = config.data
   groups = {}
   for group in ("toxic", "seemingly_toxic"):
