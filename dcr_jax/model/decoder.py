@@ -46,11 +46,14 @@ class Decoder(nnx.Module):
     self.constrain_activations = None  # optional callable on the residual stream at block boundaries
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
-    """An empty KV cache: per-layer k/v [B S K H], slot segments [B S] (0 = empty) and the next write slot."""
+    """An empty KV cache: per-layer keys k [B K H S] and values v [B S K H], slot segments [B S] (0 = empty) and the
+    next write slot. Keys are stored slot-last, the layout the q.k product reads, so a decode step neither transposes
+    nor copies them (on CPU that saved ~5% of a gemma-3-270m decode step)."""
     cfg = self.config
     dtype = dtype or jnp.dtype(cfg.dtype)
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
+    k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, max_len)
+    v_shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    layers = [{"k": jnp.zeros(k_shape, dtype), "v": jnp.zeros(v_shape, dtype)} for _ in range(cfg.num_layers)]
     return {"index": jnp.zeros((), jnp.int32), "segments": jnp.zeros((batch, max_len), jnp.int32), "layers": layers}
 
   def __call__(self, tokens, positions=None, mask=None, *, cache: dict | None = None,

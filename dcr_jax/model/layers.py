@@ -129,17 +129,19 @@ class Attention(nnx.Module):
     if self.use_qk_norm:
       q, key = self.q_norm(q), self.k_norm(key)
     q, key = apply_rope(q, positions, layer.inv_freq), apply_rope(key, positions, layer.inv_freq)
+    q = (q * self.scale).reshape(b, t, k, n // k, h)
     if kv_cache is None:
       kv_segments, kv_slots = segments, slots
+      logits = jnp.einsum("btkgh,bskh->bkgts", q, key.astype(q.dtype))
     else:  # write this chunk into the cache, then attend over every cache slot
-      key = jax.lax.dynamic_update_slice(kv_cache["k"], key.astype(kv_cache["k"].dtype), (0, write_at, 0, 0))
+      keys = jax.lax.dynamic_update_slice(kv_cache["k"], key.transpose(0, 2, 3, 1).astype(kv_cache["k"].dtype),
+                                          (0, 0, 0, write_at))
       value = jax.lax.dynamic_update_slice(kv_cache["v"], value.astype(kv_cache["v"].dtype), (0, write_at, 0, 0))
-      kv_cache = {"k": key, "v": value}
+      kv_cache = {"k": keys, "v": value}
       kv_segments = cache_segments
-      kv_slots = jnp.broadcast_to(jnp.arange(key.shape[1], dtype=jnp.int32), cache_segments.shape)
+      kv_slots = jnp.broadcast_to(jnp.arange(keys.shape[-1], dtype=jnp.int32), cache_segments.shape)
+      logits = jnp.einsum("btkgh,bkhs->bkgts", q, keys.astype(q.dtype))
     mask = attention_mask(segments, kv_segments, slots, kv_slots, layer.window)  # B T S
-    q = (q * self.scale).reshape(b, t, k, n // k, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, key.astype(q.dtype))
     logits = logits.astype(jnp.promote_types(q.dtype, jnp.float32))  # float32, float64 for float64 runs
     if self.softcap is not None:
       logits = jnp.tanh(logits / self.softcap) * self.softcap
