@@ -22,15 +22,19 @@ Caveat: the probability is of these *token sequences*. A model that writes the s
 byte-level BPE and SentencePiece vocabularies normally split, which keeps this rare.
 
 Batching: `batch_size` prompts at a time are left-padded to a multiple of ``bucket`` (32) tokens (the last batch is
-padded with copies) and run once, filling a KV cache; each opening (right-padded to a multiple of 8 slots) then runs
-from that cache for the whole batch. A prompt is computed once rather than once per opening, and logits exist only
-at the opening positions ([B K V], not [B T V], which matters at a 262k vocabulary).
+padded with copies) and run once, filling a KV cache. The openings are then scored as a prefix tree
+(``_PrefixPlan``): each distinct prefix gets one row of the vocabulary head, and only the longest prefixes are run
+from the cache, since the shorter ones lie inside them. For the default openings on the Gemma tokenizer that is 24 head
+rows and 11 runs (52 padded slots) per prompt, where one 8-slot row per opening took 128 of each; on gemma-3-270m,
+32 prompts take 5.6 s instead of 15.4 s. Logits exist only for the chunk of prefixes being scored
+([B 8 V], never [B T V], which matters at a 262k vocabulary).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -93,36 +97,110 @@ def opening_token_ids(tokenizer, openings: Sequence[str] = REFUSAL_OPENINGS) -> 
   return kept
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _shared_prefix_log_probs(graphdef, state, tokens, mask, continuations, cont_mask):
-  """tokens/mask [B T] left-padded contexts; continuations/cont_mask [M K] right-padded -> [B M] summed log p.
+class _PrefixPlan(NamedTuple):
+  """How to score M continuations from one context, sharing every common prefix (built on the host).
 
-  Each context runs once and fills a KV cache; every continuation then runs [B K] from that cache (one `lax.map`
-  step per continuation), so a context is not recomputed M times and logits stay [B K V]."""
+  A log-probability log p(c[k] | context, c[:k]) needs the hidden state after the prefix c[:k]. Continuations that
+  share a prefix share that state, so each *distinct* prefix is scored once: U rows of the vocabulary head instead
+  of one per (continuation, position). The states come from *runs*: the distinct non-empty prefixes that extend no
+  other, each fed once from the context's KV cache; every shorter prefix is a position inside some run.
+  """
+
+  runs: tuple[tuple[np.ndarray, np.ndarray], ...]  # per length group: ids [R K] and mask [R K], right-padded
+  source: np.ndarray  # [U] row of the hidden-state table for each distinct prefix (0 = the context's last token)
+  targets: np.ndarray  # [U C] the next tokens scored after each prefix (0-padded)
+  pick: np.ndarray  # [M L] flat index into [U*C] of each continuation's tokens (0-padded)
+  pick_mask: np.ndarray  # [M L]
+
+
+def _plan_prefixes(continuations: Sequence[Sequence[int]], run_bucket: int = 4, head_chunk: int = 8) -> _PrefixPlan:
+  """The `_PrefixPlan` of `continuations`: distinct prefixes, their next tokens, and the runs that produce them."""
+  prefix_row: dict[tuple[int, ...], int] = {}
+  children: list[list[int]] = []
+  scored = []  # per continuation: (prefix row, child slot) of each token
+  for cont in continuations:
+    pairs = []
+    for k, token in enumerate(cont):
+      row = prefix_row.setdefault(tuple(cont[:k]), len(prefix_row))
+      if row == len(children):
+        children.append([])
+      if token not in children[row]:
+        children[row].append(token)
+      pairs.append((row, children[row].index(token)))
+    scored.append(pairs)
+  prefixes = [p for p in prefix_row if p]
+  runs = [p for p in prefixes if not any(len(q) > len(p) and q[:len(p)] == p for q in prefixes)]
+  groups: dict[int, list[tuple[int, ...]]] = {}
+  for run in runs:
+    groups.setdefault(bucket_length(len(run), run_bucket), []).append(run)
+  run_arrays, start_of, offset = [], {}, 1  # table row 0 is the context's last position
+  for width, members in sorted(groups.items()):
+    ids, mask = np.zeros((len(members), width), np.int32), np.zeros((len(members), width), np.int32)
+    for r, run in enumerate(members):
+      ids[r, :len(run)], mask[r, :len(run)] = run, 1
+      start_of[run] = offset + r * width
+    run_arrays.append((ids, mask))
+    offset += len(members) * width
+  source = np.zeros((bucket_length(len(prefix_row), head_chunk),), np.int32)  # padding rows read row 0, unused
+  for prefix, row in prefix_row.items():
+    if prefix:
+      run = next(r for r in runs if r[:len(prefix)] == prefix)
+      source[row] = start_of[run] + len(prefix) - 1
+  width = max(len(c) for c in children)
+  targets = np.zeros((len(source), width), np.int32)
+  for row, tokens in enumerate(children):
+    targets[row, :len(tokens)] = tokens
+  longest = max(len(p) for p in scored)
+  pick, pick_mask = np.zeros((len(scored), longest), np.int32), np.zeros((len(scored), longest), bool)
+  for j, pairs in enumerate(scored):
+    for k, (row, slot) in enumerate(pairs):
+      pick[j, k], pick_mask[j, k] = row * width + slot, True
+  return _PrefixPlan(tuple(run_arrays), source, targets, pick, pick_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "head_chunk"))
+def _shared_prefix_log_probs(graphdef, state, tokens, mask, plan: _PrefixPlan, head_chunk: int = 8):
+  """tokens/mask [B T] left-padded contexts -> [B M] summed log p of the M continuations planned in `plan`.
+
+  Each context runs once and fills a KV cache; each run then continues it ([B K] rows, one `lax.map` step per run),
+  and the head scores each distinct prefix once, `head_chunk` prefixes at a time ([B head_chunk V] logits)."""
   model = nnx.merge(graphdef, state)
   b, t = tokens.shape
-  k = continuations.shape[1]
   depth = model.config.num_layers
-  prefill = model(tokens, mask=mask, cache=model.init_cache(b, t + k), return_hidden=(depth,))
-  last = prefill.hidden[depth][:, -1:]  # [B 1 D] predicts each continuation's first token
+  longest_run = max([ids.shape[1] for ids, _ in plan.runs], default=0)
+  prefill = model(tokens, mask=mask, cache=model.init_cache(b, t + longest_run), return_hidden=(depth,))
+  table = [prefill.hidden[depth][:, -1:]]  # [B 1 D]: predicts every continuation's first token
 
-  def one(continuation):
-    ids, valid = continuation  # [K]
-    rows, rows_mask = jnp.broadcast_to(ids, (b, k)), jnp.broadcast_to(valid, (b, k))
-    hidden = model(rows, mask=rows_mask, cache=prefill.cache, return_hidden=(depth,)).hidden[depth]  # [B K D]
-    logits = model.logits(model.final_norm(jnp.concatenate([last, hidden[:, :-1]], axis=1)))  # [B K V] float32
-    log_probs = jnp.take_along_axis(logits, rows[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
-    return jnp.sum(jnp.where(rows_mask != 0, log_probs, 0.0), axis=-1)  # [B]
+  def run_from_context(run):
+    ids, valid = run  # [K]
+    rows, rows_mask = jnp.broadcast_to(ids, (b, ids.shape[0])), jnp.broadcast_to(valid, (b, ids.shape[0]))
+    return model(rows, mask=rows_mask, cache=prefill.cache, return_hidden=(depth,)).hidden[depth]  # [B K D]
 
-  return jax.lax.map(one, (continuations, cont_mask)).T
+  for ids, valid in plan.runs:
+    hidden = jax.lax.map(run_from_context, (ids, valid))  # [R B K D]
+    table.append(hidden.transpose(1, 0, 2, 3).reshape(b, -1, hidden.shape[-1]))
+  states = jnp.take(jnp.concatenate(table, axis=1), plan.source, axis=1)  # [B U D]
+  u, width = plan.targets.shape
+
+  def score(chunk):
+    hidden, targets = chunk  # [B head_chunk D], [head_chunk C]
+    logits = model.logits(model.final_norm(hidden))  # [B head_chunk V] float32
+    picked = jnp.take_along_axis(logits, jnp.broadcast_to(targets, (b, *targets.shape)), axis=-1)
+    return picked - jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # [B head_chunk C]
+
+  chunks = (states.reshape(b, u // head_chunk, head_chunk, -1).transpose(1, 0, 2, 3),
+            plan.targets.reshape(u // head_chunk, head_chunk, width))
+  log_probs = jax.lax.map(score, chunks).transpose(1, 0, 2, 3).reshape(b, u * width)  # [B U*C]
+  return jnp.sum(jnp.where(plan.pick_mask, jnp.take(log_probs, plan.pick, axis=1), 0.0), axis=-1)  # [B M]
 
 
 def continuation_log_probs(model, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], *,
                            batch_size: int = 8, pad_id: int = 0, bucket: int = 32) -> np.ndarray:
   """[N M] float32 log p(continuation m | context n), teacher-forced, `batch_size` contexts at a time.
 
-  Contexts are left-padded to a multiple of `bucket` and run once each (KV cache); continuations are right-padded to
-  a multiple of 8. Results do not depend on `batch_size`, `bucket` or padding.
+  Contexts are left-padded to a multiple of `bucket` and run once each (KV cache); continuations sharing a prefix
+  share its forward and its vocabulary head row (`_PrefixPlan`). Results do not depend on `batch_size`, `bucket` or
+  padding.
   """
   if batch_size < 1:
     raise UserError(f"batch_size={batch_size}; use a positive batch size")
@@ -131,11 +209,7 @@ def continuation_log_probs(model, contexts: Sequence[Sequence[int]], continuatio
     return np.zeros((0, m), np.float32)
   if any(len(c) == 0 for c in contexts) or any(len(c) == 0 for c in continuations):
     raise UserError("every context and continuation needs at least one token")
-  k_max = bucket_length(max(len(c) for c in continuations), 8)
-  conts = np.full((m, k_max), pad_id, np.int32)
-  cont_mask = np.zeros((m, k_max), np.int32)
-  for j, cont in enumerate(continuations):
-    conts[j, :len(cont)], cont_mask[j, :len(cont)] = cont, 1
+  plan = _plan_prefixes([list(c) for c in continuations])
   graphdef, state = nnx.split(model)
   out = np.zeros((n, m), np.float32)
   for start in range(0, n, batch_size):
@@ -143,7 +217,7 @@ def continuation_log_probs(model, contexts: Sequence[Sequence[int]], continuatio
     count = len(chunk)
     chunk += [chunk[-1]] * (batch_size - count)  # one compiled batch shape per length bucket
     tokens, mask = left_pad(chunk, bucket_length(max(len(c) for c in chunk), bucket), pad_id)
-    result = _shared_prefix_log_probs(graphdef, state, tokens, mask, conts, cont_mask)
+    result = _shared_prefix_log_probs(graphdef, state, tokens, mask, plan)
     out[start:start + count] = np.asarray(result)[:count]
   return out
 

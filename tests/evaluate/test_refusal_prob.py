@@ -6,8 +6,8 @@ import pytest
 from flax import nnx
 
 from dcr_jax.errors import UserError
-from dcr_jax.evaluate.refusal_prob import (REFUSAL_OPENINGS, continuation_log_probs, opening_token_ids,
-                                           refusal_probability)
+from dcr_jax.evaluate.refusal_prob import (REFUSAL_OPENINGS, _plan_prefixes, continuation_log_probs,
+                                           opening_token_ids, refusal_probability)
 from dcr_jax.model import Decoder, tiny
 from dcr_jax.pipeline import builtin_corpus
 from dcr_jax.weights.tokenizer import encode_chat, tiny_tokenizer
@@ -72,6 +72,34 @@ def test_matches_naive_per_row_loop(tok, model):
   batched = refusal_probability(model, tok, PROMPTS, openings=OPENINGS, batch_size=4)  # 15 rows: last batch padded
   naive = np.array([naive_probability(model, tok, p, OPENINGS) for p in PROMPTS])
   np.testing.assert_allclose(batched, naive, rtol=1e-5, atol=0)
+
+
+SHARED = [[5, 6, 7], [5, 6], [5, 8], [9], [5, 6, 7, 10, 11], [5, 6], [12, 13]]  # prefixes shared, one duplicate
+
+
+def test_plan_scores_each_distinct_prefix_once_from_the_longest_runs():
+  plan = _plan_prefixes(SHARED)
+  runs = sorted(tuple(int(t) for t, m in zip(ids, mask) if m) for ids, masks in plan.runs for ids, mask in
+                zip(ids, masks))
+  assert runs == [(5, 6, 7, 10), (12,)]  # every other non-empty prefix lies inside one of these
+  assert [ids.shape[1] for ids, _ in plan.runs] == [4]  # both runs padded to one 4-slot group
+  distinct = {(), (5,), (5, 6), (5, 6, 7), (5, 6, 7, 10), (12,)}
+  assert plan.source.shape == (8,) and len(distinct) == 6  # 6 distinct prefixes, padded to a multiple of 8 rows
+  assert sorted(plan.targets[0][plan.targets[0] > 0].tolist()) == [5, 9, 12]  # after the context: 5, 9 or 12
+
+
+def test_shared_prefixes_match_one_forward_per_continuation(tok, model):
+  """Each continuation's summed log p equals a full forward of context + continuation, duplicates included."""
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda state, seq: jax.nn.log_softmax(nnx.merge(graphdef, state)(seq)[0], axis=-1))
+  contexts = [encode_chat(tok, p)[0] for p in PROMPTS[:2]]
+  batched = continuation_log_probs(model, contexts, SHARED, batch_size=2)
+  for n, context in enumerate(contexts):
+    for m, cont in enumerate(SHARED):
+      seq = context + cont
+      log_p = np.asarray(forward(state, np.asarray([seq + [0] * (64 - len(seq))], np.int32)), np.float64)
+      expected = sum(log_p[len(context) - 1 + k, t] for k, t in enumerate(cont))
+      np.testing.assert_allclose(batched[n, m], expected, rtol=1e-5, err_msg=f"context {n} continuation {cont}")
 
 
 def test_all_single_tokens_sum_to_one(tok, model):
