@@ -152,15 +152,22 @@ class Decoder(nnx.Module):
       start = end
     return x, hidden
 
-  def logits(self, x: Array, decoding: bool = False) -> Array:
+  def logits(self, x: Array, decoding: bool = False, vocab_major: bool = False) -> Array:
     """Final-normed hidden [..., D] -> float32 logits [..., V] (float64 for float64 activations), soft-capped.
 
     `decoding` (a KV-cache step, never differentiated) with few rows reads the table in one fused multiply-and-sum,
     ~25% faster than a skinny matmul on CPU; its derivatives are slow, so training and kernels use the matmul.
+    `vocab_major` (hidden [N D] only) returns the logits transposed, [V N], as table @ hidden.T: on CPU the fastest
+    form when the next op reduces over the vocabulary (greedy decoding), about 2 ms per gemma-3-270m step below the
+    fused form.
     """
     rows = int(np.prod(x.shape[:-1]))
-    if decoding and rows <= _FEW_ROWS:
-      table = self.embedding[...] if self.config.tie_embeddings else self.head[...].T  # [V D]
+    table = self.embedding[...] if self.config.tie_embeddings else self.head[...].T  # [V D]
+    if vocab_major:
+      if x.ndim != 2:
+        raise ValueError(f"vocab_major logits need hidden [N D], got shape {x.shape}")
+      logits = table.astype(x.dtype) @ x.T
+    elif decoding and rows <= _FEW_ROWS:
       flat = x.reshape(rows, 1, x.shape[-1])
       logits = jnp.sum(table.astype(x.dtype)[None] * flat, axis=-1).reshape(*x.shape[:-1], -1)
     else:

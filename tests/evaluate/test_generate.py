@@ -1,5 +1,6 @@
 """Batched generation: bucketed compilation, left padding, stop tokens, sampling with a seed."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -51,3 +52,10 @@ def test_sampling_is_seeded(model):
   b = gen.generate(model, prompts, max_new_tokens=8, stop_ids=[], temperature=1.0, top_p=0.9, seed=1)
   c = gen.generate(model, prompts, max_new_tokens=8, stop_ids=[], temperature=1.0, top_p=0.9, seed=2)
   assert a == b and a != c
+
+
+def test_greedy_takes_the_first_maximum_along_either_axis():
+  logits = np.array([[0.0, 3.0, 3.0, -1.0], [5.0, 1.0, 5.0, 5.0], [-2.0, -3.0, -1.0, -1.5]], np.float32)  # [B V]
+  expected = [1, 0, 2]  # ties go to the first index, as numpy's argmax
+  assert gen.greedy(jnp.asarray(logits)).tolist() == expected == np.argmax(logits, axis=-1).tolist()
+  assert gen.greedy(jnp.asarray(logits.T), axis=0).tolist() == expected  # the vocabulary-major form

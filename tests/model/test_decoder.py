@@ -153,3 +153,18 @@ def test_sharded_safetensors_checkpoint_loads(tmp_path):
   cfg = hf_config.from_hf_config(json.loads((tmp_path / "config.json").read_text()), "config.json")
   loaded = load_params(cfg, SafetensorsSource(tmp_path), progress=False)
   chex.assert_trees_all_equal(nnx.state(loaded, nnx.Param), nnx.state(model, nnx.Param))
+
+
+@pytest.mark.parametrize("family,untied", [("gemma2", False), ("gemma3", False), ("gemma3", True)])
+def test_decoding_head_forms_agree(family, untied):
+  """The fused decode head and the vocabulary-major head give the matmul head's logits (soft-cap included)."""
+  config = tiny(family)
+  if untied:
+    config = config.replace(tie_embeddings=False)
+  model = Decoder(config, rngs=nnx.Rngs(1))
+  hidden = jax.random.normal(jax.random.key(2), (5, config.embed_dim))
+  reference = np.asarray(model.logits(hidden))
+  np.testing.assert_allclose(np.asarray(model.logits(hidden, decoding=True)), reference, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(model.logits(hidden, vocab_major=True)).T, reference, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"hidden \[N D\]"):
+    model.logits(hidden[None], vocab_major=True)
