@@ -113,7 +113,11 @@ class _PrefixPlan(NamedTuple):
   pick_mask: np.ndarray  # [M L]
 
 
-def _plan_prefixes(continuations: Sequence[Sequence[int]], run_bucket: int = 4, head_chunk: int = 8) -> _PrefixPlan:
+_RUN_BUCKET = 4  # runs are right-padded to a multiple of this many slots (one lax.map per width)
+_HEAD_CHUNK = 8  # prefixes scored per vocabulary-head call: logits [B 8 V]
+
+
+def _plan_prefixes(continuations: Sequence[Sequence[int]]) -> _PrefixPlan:
   """The `_PrefixPlan` of `continuations`: distinct prefixes, their next tokens, and the runs that produce them."""
   prefix_row: dict[tuple[int, ...], int] = {}
   children: list[list[int]] = []
@@ -132,7 +136,7 @@ def _plan_prefixes(continuations: Sequence[Sequence[int]], run_bucket: int = 4, 
   runs = [p for p in prefixes if not any(len(q) > len(p) and q[:len(p)] == p for q in prefixes)]
   groups: dict[int, list[tuple[int, ...]]] = {}
   for run in runs:
-    groups.setdefault(bucket_length(len(run), run_bucket), []).append(run)
+    groups.setdefault(bucket_length(len(run), _RUN_BUCKET), []).append(run)
   run_arrays, start_of, offset = [], {}, 1  # table row 0 is the context's last position
   for width, members in sorted(groups.items()):
     ids, mask = np.zeros((len(members), width), np.int32), np.zeros((len(members), width), np.int32)
@@ -141,7 +145,7 @@ def _plan_prefixes(continuations: Sequence[Sequence[int]], run_bucket: int = 4, 
       start_of[run] = offset + r * width
     run_arrays.append((ids, mask))
     offset += len(members) * width
-  source = np.zeros((bucket_length(len(prefix_row), head_chunk),), np.int32)  # padding rows read row 0, unused
+  source = np.zeros((bucket_length(len(prefix_row), _HEAD_CHUNK),), np.int32)  # padding rows read row 0, unused
   for prefix, row in prefix_row.items():
     if prefix:
       run = next(r for r in runs if r[:len(prefix)] == prefix)
@@ -158,12 +162,12 @@ def _plan_prefixes(continuations: Sequence[Sequence[int]], run_bucket: int = 4, 
   return _PrefixPlan(tuple(run_arrays), source, targets, pick, pick_mask)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "head_chunk"))
-def _shared_prefix_log_probs(graphdef, state, tokens, mask, plan: _PrefixPlan, head_chunk: int = 8):
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _shared_prefix_log_probs(graphdef, state, tokens, mask, plan: _PrefixPlan):
   """tokens/mask [B T] left-padded contexts -> [B M] summed log p of the M continuations planned in `plan`.
 
   Each context runs once and fills a KV cache; each run then continues it ([B K] rows, one `lax.map` step per run),
-  and the head scores each distinct prefix once, `head_chunk` prefixes at a time ([B head_chunk V] logits)."""
+  and the head scores each distinct prefix once, `_HEAD_CHUNK` prefixes at a time ([B 8 V] logits)."""
   model = nnx.merge(graphdef, state)
   b, t = tokens.shape
   depth = model.config.num_layers
@@ -183,13 +187,13 @@ def _shared_prefix_log_probs(graphdef, state, tokens, mask, plan: _PrefixPlan, h
   u, width = plan.targets.shape
 
   def score(chunk):
-    hidden, targets = chunk  # [B head_chunk D], [head_chunk C]
-    logits = model.logits(model.final_norm(hidden))  # [B head_chunk V] float32
+    hidden, targets = chunk  # [B 8 D], [8 C]
+    logits = model.logits(model.final_norm(hidden))  # [B 8 V] float32
     picked = jnp.take_along_axis(logits, jnp.broadcast_to(targets, (b, *targets.shape)), axis=-1)
-    return picked - jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # [B head_chunk C]
+    return picked - jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # [B 8 C]
 
-  chunks = (states.reshape(b, u // head_chunk, head_chunk, -1).transpose(1, 0, 2, 3),
-            plan.targets.reshape(u // head_chunk, head_chunk, width))
+  chunks = (states.reshape(b, u // _HEAD_CHUNK, _HEAD_CHUNK, -1).transpose(1, 0, 2, 3),
+            plan.targets.reshape(u // _HEAD_CHUNK, _HEAD_CHUNK, width))
   log_probs = jax.lax.map(score, chunks).transpose(1, 0, 2, 3).reshape(b, u * width)  # [B U*C]
   return jnp.sum(jnp.where(plan.pick_mask, jnp.take(log_probs, plan.pick, axis=1), 0.0), axis=-1)  # [B M]
 

@@ -158,7 +158,7 @@ class Decoder(nnx.Module):
     `decoding` (a KV-cache step, never differentiated) with few rows reads the table in one fused multiply-and-sum,
     ~25% faster than a skinny matmul on CPU; its derivatives are slow, so training and kernels use the matmul.
     `vocab_major` (hidden [N D] only) returns the logits transposed, [V N], as table @ hidden.T: on CPU the fastest
-    form when the next op reduces over the vocabulary (greedy decoding), about 2 ms per gemma-3-270m step below the
+    form when the next op reduces over the vocabulary (greedy decoding), 2-4 ms per gemma-3-270m step below the
     fused form.
     """
     rows = int(np.prod(x.shape[:-1]))
