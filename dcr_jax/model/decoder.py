@@ -162,17 +162,16 @@ class Decoder(nnx.Module):
     fused form.
     """
     rows = int(np.prod(x.shape[:-1]))
-    table = self.embedding[...] if self.config.tie_embeddings else self.head[...].T  # [V D]
+    table = (self.embedding[...] if self.config.tie_embeddings else self.head[...].T).astype(x.dtype)  # [V D]
     if vocab_major:
       if x.ndim != 2:
         raise ValueError(f"vocab_major logits need hidden [N D], got shape {x.shape}")
-      logits = table.astype(x.dtype) @ x.T
+      logits = table @ x.T
     elif decoding and rows <= _FEW_ROWS:
       flat = x.reshape(rows, 1, x.shape[-1])
-      logits = jnp.sum(table.astype(x.dtype)[None] * flat, axis=-1).reshape(*x.shape[:-1], -1)
+      logits = jnp.sum(table[None] * flat, axis=-1).reshape(*x.shape[:-1], -1)
     else:
-      head = self.embedding[...].T if self.config.tie_embeddings else self.head[...]
-      logits = x @ head.astype(x.dtype)
+      logits = x @ table.T
     logits = logits.astype(jnp.promote_types(x.dtype, jnp.float32))
     if self.config.final_logit_softcap is not None:
       cap = self.config.final_logit_softcap
