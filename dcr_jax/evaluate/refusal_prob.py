@@ -162,6 +162,43 @@ def _plan_prefixes(continuations: Sequence[Sequence[int]]) -> _PrefixPlan:
   return _PrefixPlan(tuple(run_arrays), source, targets, pick, pick_mask)
 
 
+def prefill(model, tokens, mask, extra: int):
+  """Runs left-padded contexts tokens/mask [B T] once into a KV cache with room for `extra` more slots.
+
+  Returns (last [B 1 D], cache): the last block's output at the final position (it predicts the first token of any
+  continuation) and the filled cache. No logits are computed.
+  """
+  depth = model.config.num_layers
+  out = model(tokens, mask=mask, cache=model.init_cache(tokens.shape[0], tokens.shape[1] + extra),
+              stop_at_layer=depth)
+  return out.hidden[depth][:, -1:], out.cache
+
+
+def continue_from(model, tokens, mask, cache):
+  """The last block's output [B K D] for continuation rows tokens/mask [B K] (right-padded) after `cache`."""
+  depth = model.config.num_layers
+  return model(tokens, mask=mask, cache=cache, stop_at_layer=depth).hidden[depth]
+
+
+def head_log_probs(model, states, targets):
+  """states [B U D] (last block's output), targets [B U C] ids -> [B U C] float32 log p(target | state).
+
+  The vocabulary head runs `_HEAD_CHUNK` states at a time ([B 8 V] logits, never [B U V]); U must be a multiple of
+  `_HEAD_CHUNK`.
+  """
+  b, u, _ = states.shape
+
+  def score(chunk):
+    hidden, ids = chunk  # [B 8 D], [B 8 C]
+    logits = model.logits(model.final_norm(hidden))  # [B 8 V] float32
+    picked = jnp.take_along_axis(logits, ids, axis=-1)
+    return picked - jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # [B 8 C]
+
+  chunks = (states.reshape(b, u // _HEAD_CHUNK, _HEAD_CHUNK, -1).transpose(1, 0, 2, 3),
+            targets.reshape(b, u // _HEAD_CHUNK, _HEAD_CHUNK, -1).transpose(1, 0, 2, 3))
+  return jax.lax.map(score, chunks).transpose(1, 0, 2, 3).reshape(b, u, -1)  # [B U C]
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _shared_prefix_log_probs(graphdef, state, tokens, mask, plan: _PrefixPlan):
   """tokens/mask [B T] left-padded contexts -> [B M] summed log p of the M continuations planned in `plan`.
@@ -169,32 +206,22 @@ def _shared_prefix_log_probs(graphdef, state, tokens, mask, plan: _PrefixPlan):
   Each context runs once and fills a KV cache; each run then continues it ([B K] rows, one `lax.map` step per run),
   and the head scores each distinct prefix once, `_HEAD_CHUNK` prefixes at a time ([B 8 V] logits)."""
   model = nnx.merge(graphdef, state)
-  b, t = tokens.shape
-  depth = model.config.num_layers
+  b = tokens.shape[0]
   longest_run = max([ids.shape[1] for ids, _ in plan.runs], default=0)
-  prefill = model(tokens, mask=mask, cache=model.init_cache(b, t + longest_run), return_hidden=(depth,))
-  table = [prefill.hidden[depth][:, -1:]]  # [B 1 D]: predicts every continuation's first token
+  last, cache = prefill(model, tokens, mask, longest_run)
+  table = [last]  # [B 1 D]: predicts every continuation's first token
 
   def run_from_context(run):
     ids, valid = run  # [K]
     rows, rows_mask = jnp.broadcast_to(ids, (b, ids.shape[0])), jnp.broadcast_to(valid, (b, ids.shape[0]))
-    return model(rows, mask=rows_mask, cache=prefill.cache, return_hidden=(depth,)).hidden[depth]  # [B K D]
+    return continue_from(model, rows, rows_mask, cache)  # [B K D]
 
   for ids, valid in plan.runs:
     hidden = jax.lax.map(run_from_context, (ids, valid))  # [R B K D]
     table.append(hidden.transpose(1, 0, 2, 3).reshape(b, -1, hidden.shape[-1]))
   states = jnp.take(jnp.concatenate(table, axis=1), plan.source, axis=1)  # [B U D]
   u, width = plan.targets.shape
-
-  def score(chunk):
-    hidden, targets = chunk  # [B 8 D], [8 C]
-    logits = model.logits(model.final_norm(hidden))  # [B 8 V] float32
-    picked = jnp.take_along_axis(logits, jnp.broadcast_to(targets, (b, *targets.shape)), axis=-1)
-    return picked - jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # [B 8 C]
-
-  chunks = (states.reshape(b, u // _HEAD_CHUNK, _HEAD_CHUNK, -1).transpose(1, 0, 2, 3),
-            plan.targets.reshape(u // _HEAD_CHUNK, _HEAD_CHUNK, width))
-  log_probs = jax.lax.map(score, chunks).transpose(1, 0, 2, 3).reshape(b, u * width)  # [B U*C]
+  log_probs = head_log_probs(model, states, jnp.broadcast_to(plan.targets, (b, u, width))).reshape(b, u * width)
   return jnp.sum(jnp.where(plan.pick_mask, jnp.take(log_probs, plan.pick, axis=1), 0.0), axis=-1)  # [B M]
 
 
