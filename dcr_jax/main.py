@@ -2,51 +2,99 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
+from typing import Any, Callable
 
+import jax
 from absl import app, flags, logging
 from etils import epath
+from flax import nnx
 from ml_collections import config_flags
 
+from dcr_jax import config as config_lib
+from dcr_jax import parallel, pipeline
+from dcr_jax.config import Spec, Stage
 from dcr_jax.errors import UserError
+from dcr_jax.evaluate import stage as evaluate
+from dcr_jax.model import Decoder
+from dcr_jax.report import write_report_md
+from dcr_jax.train import align, refine
+from dcr_jax.train.loop import MetricsWriter, TrainContext
+from dcr_jax.workdir_io import check_workdir, is_main_process, update_report
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pipeline config file (e.g. configs/gemma.py:gemma3-270m).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs://bucket/run): config, checkpoints, "
                                 "eval, report. A re-run resumes.")
 
 
+@dataclasses.dataclass(frozen=True)
+class Session:
+  """What a stage may use beyond the spec and the model: the tokenizer, the workdir, and where training saves."""
+
+  tokenizer: Any
+  workdir: epath.Path
+  train: TrainContext
+
+
+@dataclasses.dataclass(frozen=True)
+class StageEntry:
+  """A stage of the pipeline: `prepare(spec, tokenizer)` loads and checks its inputs before the workdir is touched;
+  `run(spec, prepared, model, session)` returns (the model for the next stage, the stage summary)."""
+
+  prepare: Callable[[Spec, Any], Any]
+  run: Callable[[Spec, Any, Decoder, Session], tuple[Decoder, dict]]
+
+
+def _training(module) -> StageEntry:
+  """A training stage: its data, its program (built once from them), and its run."""
+
+  def prepare(spec, tokenizer):
+    data = module.load_data(spec, tokenizer)
+    return module.program(spec, spec.model.architecture, data), data
+
+  return StageEntry(prepare, lambda spec, prepared, model, session: module.run(spec, *prepared, model,
+                                                                                 session.train))
+
+
+STAGES = {
+    Stage.DEMO: StageEntry(lambda spec, tokenizer: None, lambda spec, _, model, session: (
+        model, evaluate.run_demo(spec, model, session.tokenizer, session.workdir))),
+    Stage.REFINE: _training(refine),
+    Stage.ALIGN: _training(align),
+    Stage.EVALUATE: StageEntry(evaluate.load_data, lambda spec, data, model, session: (
+        model, evaluate.run(spec, data, model, session.tokenizer, session.workdir))),
+}
+
+
 def run(config, workdir: epath.Path) -> dict:
   """Runs config.stages in order and returns the report. Everything that can fail on bad input is checked before
   the workdir is touched."""
-  from dcr_jax import config as config_lib
-  from dcr_jax import parallel, pipeline
-  from dcr_jax.train.loop import MetricsWriter
-
-  stages = config_lib.validate(config)
-  parallel.initialize(config.distributed)
-  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  config_lib.check_batches(config, stages, mesh)
-  model, tokenizer = pipeline.build_model(config, mesh)
-  if config.mesh.constrain_activations:
-    model.constrain_activations = parallel.activation_constraint(mesh)
-  prepared = {stage: _STAGES[stage][0]()(config, tokenizer, model.config) for stage in stages}
+  spec = config_lib.resolve(config)
+  parallel.initialize(spec.distributed)
+  mesh = parallel.make_mesh(spec.mesh.data, spec.mesh.fsdp, spec.mesh.tensor)
+  config_lib.check_batches(spec, mesh)
+  model, tokenizer = pipeline.build_model(spec, mesh)
+  spec = spec.bind(model.config)
+  prepared = {stage: STAGES[stage].prepare(spec, tokenizer) for stage in spec.stages}
+  validate = evaluate.validator(evaluate.load_validation(spec), tokenizer) if spec.training_stages else None
   pipeline.prepare_workdir(workdir, config)
-  ctx = pipeline.Context(config=config, workdir=workdir, model=model, tokenizer=tokenizer, mesh=mesh,
-                         writer=MetricsWriter(workdir, enabled=pipeline.is_main_process()))
-  weights = "random-init" if config.model.random_init else (config.model.weights or "embedded")
-  report = pipeline.update_report(workdir, "model", None, {"name": config.model.name, "weights": weights,
-                                                          "params": _count_params(model)})
-  if not pipeline.training_stages(config.stages):
-    _restore_trained(ctx)
-  for stage in stages:
+  session = Session(tokenizer=tokenizer, workdir=workdir, train=TrainContext(
+      workdir=workdir, mesh=mesh, writer=MetricsWriter(workdir, enabled=is_main_process()), seed=spec.seed,
+      save_every=spec.checkpoint_every, keep=spec.checkpoint_keep, validate=validate))
+  weights = "random-init" if spec.model.random_init else (spec.model.weights or "embedded")
+  report = update_report(workdir, "model", None, {"name": spec.model.name, "weights": weights,
+                                                  "params": _count_params(model)})
+  if not spec.training_stages:
+    model = pipeline.restore_trained(spec, model, workdir)
+  for stage in spec.stages:
     started = time.time()
-    summary = _STAGES[stage][1]()(ctx, prepared[stage])
+    model, summary = STAGES[stage].run(spec, prepared[stage], model, session)
     summary["seconds"] = round(time.time() - started, 2)
     summary = _add_earlier_invocations(report.get("stages", {}).get(stage), summary)
-    report = pipeline.update_report(workdir, "stages", stage, summary)
-  if pipeline.is_main_process():
-    from dcr_jax.report import write_report_md
+    report = update_report(workdir, "stages", stage, summary)
+  if is_main_process():
     write_report_md(workdir)
   return report
 
@@ -63,47 +111,8 @@ def _add_earlier_invocations(earlier: dict | None, summary: dict) -> dict:
   return {**summary, **{k: round(earlier[k] + summary[k], 2) for k in RESUMED_TOTALS if k in earlier and k in summary}}
 
 
-def _restore_trained(ctx) -> None:
-  """Evaluation alone on a trained workdir: load what its training stages left (align, else refine)."""
-  from dcr_jax.train import align, refine
-
-  align.restore_aligned(ctx) or refine.restore_refined(ctx)
-
-
 def _count_params(model) -> int:
-  import jax
-  from flax import nnx
-
   return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
-
-
-def _refine():
-  from dcr_jax.train import refine
-  return refine.prepare_refine, refine.run_refine
-
-
-def _align():
-  from dcr_jax.train import align
-  return align.prepare_align, align.run_align
-
-
-def _evaluate():
-  from dcr_jax.evaluate import stage
-  return stage.prepare_evaluate, stage.run_evaluate
-
-
-def _demo():
-  from dcr_jax import demo
-  return demo.prepare_demo, demo.run_demo
-
-
-# stage -> (lazy prepare(config, tokenizer, model_config), lazy run(ctx, prepared))
-_STAGES = {
-    "demo": (lambda: _demo()[0], lambda: _demo()[1]),
-    "refine": (lambda: _refine()[0], lambda: _refine()[1]),
-    "align": (lambda: _align()[0], lambda: _align()[1]),
-    "evaluate": (lambda: _evaluate()[0], lambda: _evaluate()[1]),
-}
 
 
 def main(argv):
@@ -115,7 +124,6 @@ def main(argv):
     print("error: both --config=FILE[:VARIANT] and --workdir=DIR are required", file=sys.stderr)
     sys.exit(2)
   try:
-    from dcr_jax.workdir_io import check_workdir
     report = run(_CONFIG.value, check_workdir(_WORKDIR.value))
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -1,8 +1,8 @@
-"""Pipeline plumbing shared by the stages: model + tokenizer from config, workdir files, the report."""
+"""Pipeline plumbing shared by the entry points: model + tokenizer from the spec, restoring a stage's model through
+its program, workdir files, the report."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -11,25 +11,17 @@ import ml_collections
 from etils import epath
 from flax import nnx
 
+from dcr_jax import checkpoints, parallel
+from dcr_jax.config import TRAINING_STAGES, Spec
 from dcr_jax.errors import UserError
-from dcr_jax.model import Decoder, ModelConfig, get_variant, stack_layers, tiny
-from dcr_jax.weights import load_model
+from dcr_jax.model import Decoder, stack_layers
+from dcr_jax.train import align, refine
+from dcr_jax.weights import embedded_gguf_path, load_model, load_tokenizer
+from dcr_jax.weights.sources import GGUFSource
 from dcr_jax.weights.tokenizer import tiny_tokenizer
-from dcr_jax.workdir_io import as_path, ensure_dir, write_text_atomic
+from dcr_jax.workdir_io import as_path, ensure_dir, is_main_process, write_json
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "data" / "builtin"
-
-
-@dataclasses.dataclass
-class Context:
-  """What every stage gets: the resolved config, the workdir, the model and its tokenizer."""
-
-  config: ml_collections.ConfigDict
-  workdir: epath.Path  # local directory or gs://… URI (dcr_jax.workdir_io)
-  model: Decoder
-  tokenizer: object
-  mesh: jax.sharding.Mesh
-  writer: object  # train.loop.MetricsWriter
 
 
 def builtin_corpus() -> list[str]:
@@ -42,56 +34,51 @@ def builtin_corpus() -> list[str]:
   return texts
 
 
-def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-  """The architecture named by config.model.name (`tiny-<family>` for random-init tiny models)."""
-  name = config.model.name
-  common = dict(dtype=config.model.dtype, param_dtype=config.model.dtype, remat=config.model.remat,
-                scan_layers=config.model.scan_layers)
-  if name.startswith("tiny-"):
-    return tiny(name[len("tiny-"):], **common)
-  return get_variant(name).replace(**common)
-
-
-def build_model(config: ml_collections.ConfigDict, mesh=None) -> tuple[Decoder, object]:
-  """(model, tokenizer): random-init when config.model.random_init, else loaded from weights or the variant,
-  each tensor placed straight onto its sharding over `mesh`."""
-  from dcr_jax import parallel
-
+def build_model(spec: Spec, mesh=None) -> tuple[Decoder, object]:
+  """(model, tokenizer): random-init when model.random_init, else loaded from the weights or the variant, each
+  tensor placed straight onto its sharding over `mesh`; activation constraints on when mesh.constrain_activations."""
   place = None if mesh is None else parallel.placement(mesh)
-  if config.model.random_init:
-    cfg = model_config(config)
-    model = Decoder(cfg, rngs=nnx.Rngs(config.seed))
-    if cfg.vocab_size <= 4096:
-      return model, tiny_tokenizer(cfg.vocab_size, builtin_corpus())
-    from dcr_jax.weights import embedded_gguf_path, load_tokenizer
-    from dcr_jax.weights.sources import GGUFSource
-    return model, load_tokenizer(GGUFSource(embedded_gguf_path()), config.model.tokenizer or None)
-  spec = config.model.weights or config.model.name
-  model, tokenizer = load_model(spec, place=place, dtype=config.model.dtype,
-                                tokenizer=config.model.tokenizer or None, progress=is_main_process())
-  model.config = model.config.replace(remat=config.model.remat)
-  if config.model.scan_layers:
-    model = stack_layers(model, place=place)
+  m = spec.model
+  if m.random_init:
+    model = Decoder(m.architecture, rngs=nnx.Rngs(spec.seed))
+    if m.architecture.vocab_size <= 4096:
+      tokenizer = tiny_tokenizer(m.architecture.vocab_size, builtin_corpus())
+    else:
+      tokenizer = load_tokenizer(GGUFSource(embedded_gguf_path()), m.tokenizer or None)
+  else:
+    model, tokenizer = load_model(m.weights or m.name, place=place, dtype=m.dtype, tokenizer=m.tokenizer or None,
+                                  progress=is_main_process())
+    model.config = model.config.replace(remat=m.remat)
+    if m.scan_layers:
+      model = stack_layers(model, place=place)
+  if spec.mesh.constrain_activations and mesh is not None:
+    model.constrain_activations = parallel.activation_constraint(mesh)
   return model, tokenizer
 
 
-def is_main_process() -> bool:
-  return jax.process_index() == 0
+STAGE_PROGRAMS = {"refine": refine.program, "align": align.program}
 
 
-def write_json(path: epath.PathLike, data) -> None:
-  """Atomic JSON write by process 0 only: a crash never leaves a half-written file (temp file + rename for a local
-  path, one object write for gs://…)."""
-  if not is_main_process():
-    return
-  write_text_atomic(path, json.dumps(data, indent=2, default=str))
+def restore_stage(spec: Spec, model: Decoder, workdir: epath.PathLike, stage: str, step: int | None = None) -> Decoder:
+  """The model a stage's checkpoint holds (latest when step is None), built through the stage's own program (so a
+  LoRA `align` gets its adapters first): evaluation, kernels and export all restore through here."""
+  stage_program = STAGE_PROGRAMS[stage](spec, model.config)
+  return checkpoints.restore_into(stage_program.adapt(model), workdir, stage, step)
+
+
+def restore_trained(spec: Spec, model: Decoder, workdir: epath.PathLike) -> Decoder:
+  """The last trained model of a workdir: its align checkpoint, else its refine one, else `model` unchanged."""
+  for stage in ("align", "refine"):
+    if checkpoints.kept_steps(workdir, stage):
+      return restore_stage(spec, model, workdir, stage)
+  return model
 
 
 TRAINING_KEYS = ("seed", "model", "data", "refine", "align")  # what a resumed run must keep unchanged
 
 
-def training_stages(stages: str) -> list[str]:
-  return [s.strip() for s in str(stages).split(",") if s.strip() in ("refine", "align")]
+def _training_stages(stages: str) -> list[str]:
+  return [s.strip() for s in str(stages).split(",") if s.strip() in TRAINING_STAGES]
 
 
 def prepare_workdir(workdir: epath.PathLike, config: ml_collections.ConfigDict) -> None:
@@ -104,8 +91,8 @@ def prepare_workdir(workdir: epath.PathLike, config: ml_collections.ConfigDict) 
     previous = json.loads(config_file.read_text())
     changed = _first_difference({k: previous.get(k) for k in TRAINING_KEYS}, {k: resolved.get(k) for k in
                                                                               TRAINING_KEYS})
-    new_training = training_stages(config.stages)
-    if not changed and new_training and new_training != training_stages(previous.get("stages", "")):
+    new_training = _training_stages(config.stages)
+    if not changed and new_training and new_training != _training_stages(previous.get("stages", "")):
       changed = "config.stages"
     if changed:
       raise UserError(f"{config_file}: key {changed} differs from the run already in this workdir; "
@@ -124,15 +111,3 @@ def _first_difference(a, b, prefix="config") -> str | None:
         return found
     return None
   return None if a == b else prefix
-
-
-def update_report(workdir: epath.PathLike, section: str, key: str | None, value) -> dict:
-  """Merges one entry into DIR/report.json and rewrites it atomically."""
-  path = as_path(workdir) / "report.json"
-  report = json.loads(path.read_text()) if path.is_file() else {}
-  if key is None:
-    report[section] = value
-  else:
-    report.setdefault(section, {})[key] = value
-  write_json(path, report)
-  return report

@@ -10,10 +10,12 @@ per append: fine for the pipeline's JSON/JSONL files, which stay small). Object 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
 
+import jax
 from etils import epath
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -84,3 +86,28 @@ def append_text(path: epath.PathLike, text: str, fsync: bool = False) -> None:
     if fsync:
       f.flush()
       os.fsync(f.fileno())
+
+
+def is_main_process() -> bool:
+  """True on process 0, the one that writes the workdir's shared files."""
+  return jax.process_index() == 0
+
+
+def write_json(path: epath.PathLike, data) -> None:
+  """Atomic JSON write by process 0 only: a crash never leaves a half-written file (temp file + rename for a local
+  path, one object write for gs://…)."""
+  if not is_main_process():
+    return
+  write_text_atomic(path, json.dumps(data, indent=2, default=str))
+
+
+def update_report(workdir: epath.PathLike, section: str, key: str | None, value) -> dict:
+  """Merges one entry into DIR/report.json and rewrites it atomically."""
+  path = as_path(workdir) / "report.json"
+  report = json.loads(path.read_text()) if path.is_file() else {}
+  if key is None:
+    report[section] = value
+  else:
+    report.setdefault(section, {})[key] = value
+  write_json(path, report)
+  return report

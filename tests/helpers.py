@@ -5,7 +5,7 @@ import numpy as np
 from flax import nnx
 
 from dcr_jax.model import Decoder, ModelConfig, tiny
-from dcr_jax.train.loop import read_checkpoint
+from dcr_jax.checkpoints import read_checkpoint
 
 
 def random_model(config: ModelConfig | str = "gemma3", seed: int = 0) -> Decoder:

@@ -19,9 +19,9 @@ from etils import epath
 from etils.epath import backend as epath_backend
 from fsspec.implementations.memory import MemoryFileSystem
 
-from dcr_jax import pipeline, report, workdir_io
+from dcr_jax import checkpoints, pipeline, report, workdir_io
 from dcr_jax.evaluate import stage
-from dcr_jax.train import loop, runner
+from dcr_jax.train import loop
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = "gs://bucket/run"
@@ -110,10 +110,10 @@ def test_main_rejects_an_unsupported_scheme(monkeypatch, capsys):
 
 
 def test_write_json_and_update_report_on_gs(gcs):
-  pipeline.write_json(epath.Path(RUN) / "demo.json", [{"a": 1}])
+  workdir_io.write_json(epath.Path(RUN) / "demo.json", [{"a": 1}])
   assert json.loads(text(gcs, f"{RUN}/demo.json")) == [{"a": 1}]
-  pipeline.update_report(RUN, "model", None, {"name": "tiny"})
-  merged = pipeline.update_report(epath.Path(RUN), "stages", "refine", {"steps": 3})
+  workdir_io.update_report(RUN, "model", None, {"name": "tiny"})
+  merged = workdir_io.update_report(epath.Path(RUN), "stages", "refine", {"steps": 3})
   assert json.loads(text(gcs, f"{RUN}/report.json")) == merged == {"model": {"name": "tiny"},
                                                                     "stages": {"refine": {"steps": 3}}}
   assert report.load_report(RUN) == merged and report.run_name(RUN, merged) == "run"
@@ -141,7 +141,7 @@ def test_metrics_writer_on_gs_rewrites_the_object_and_copies_tensorboard(gcs):
   rows = [json.loads(line) for line in text(gcs, f"{RUN}/metrics.jsonl").splitlines()]
   assert [(r["stage"], r["step"], r["loss"]) for r in rows] == [("refine", 1, 3.0), ("refine", 2, 2.0),
                                                                  ("align", 1, 1.5)]
-  assert runner.last_logged(epath.Path(RUN) / "metrics.jsonl", "refine", "loss") == 2.0
+  assert loop.last_logged(epath.Path(RUN) / "metrics.jsonl", "refine", "loss") == 2.0
   events = [k for k in gcs if k.startswith(f"{RUN}/tensorboard/events.out.tfevents.")]
   local = list(Path(writer._tb_local.name).iterdir())
   assert len(events) == 1 == len(local) and gcs[events[0]].getvalue() == local[0].read_bytes()
@@ -173,12 +173,11 @@ def test_eval_jsonl_on_gs_appends_by_rewrite_and_drops_a_torn_tail(gcs, monkeypa
 
 def test_checkpoints_on_gs_are_not_resolved(gcs, monkeypatch):
   seen = []
-  monkeypatch.setattr(loop.ocp, "CheckpointManager", lambda directory, options: seen.append(directory))
-  loop.checkpoint_manager(epath.Path(RUN) / "checkpoints" / "refine", keep=2)
+  monkeypatch.setattr(checkpoints.ocp, "CheckpointManager", lambda directory, options: seen.append(directory))
+  checkpoints.manager(checkpoints.stage_dir(RUN, "refine"), keep=2)
   assert str(seen[0]) == f"{RUN}/checkpoints/refine"
   (epath.Path(RUN) / "checkpoints" / "align" / "4" / "x").write_text("")
-  ctx = type("Ctx", (), {"workdir": epath.Path(RUN)})
-  assert runner.StageRun.has_checkpoint(ctx, "align") and not runner.StageRun.has_checkpoint(ctx, "refine")
+  assert checkpoints.kept_steps(RUN, "align") == [4] and checkpoints.kept_steps(RUN, "refine") == []
 
 
 def test_demo_run_on_gs_workdir(gcs):
@@ -197,8 +196,8 @@ def test_demo_run_on_gs_workdir(gcs):
 
 
 def test_local_workdir_keeps_atomic_replace_and_append(tmp_path):
-  pipeline.write_json(tmp_path / "sub" / "x.json", {"a": 1})
-  pipeline.write_json(str(tmp_path / "sub" / "x.json"), {"a": 2})
+  workdir_io.write_json(tmp_path / "sub" / "x.json", {"a": 1})
+  workdir_io.write_json(str(tmp_path / "sub" / "x.json"), {"a": 2})
   assert json.loads((tmp_path / "sub" / "x.json").read_text()) == {"a": 2}
   assert [p.name for p in (tmp_path / "sub").iterdir()] == ["x.json"]  # no temp file left behind
   writer = loop.MetricsWriter(tmp_path)  # a pathlib.Path workdir is accepted too
@@ -206,13 +205,13 @@ def test_local_workdir_keeps_atomic_replace_and_append(tmp_path):
   writer.write("refine", 2, {"loss": 0.5})
   assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
   assert any((tmp_path / "tensorboard").iterdir()) and writer._tb_local is None
-  assert runner.last_logged(tmp_path / "metrics.jsonl", "refine", "loss") == 0.5
+  assert loop.last_logged(tmp_path / "metrics.jsonl", "refine", "loss") == 0.5
 
 
 def test_atomic_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path):
   old = os.umask(0o022)
   try:
-    pipeline.write_json(tmp_path / "report.json", {"a": 1})
+    workdir_io.write_json(tmp_path / "report.json", {"a": 1})
     from dcr_jax.data.loaders import write_jsonl
     write_jsonl([{"a": 1}], tmp_path / "rows.jsonl")
   finally:

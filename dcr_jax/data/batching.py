@@ -41,12 +41,18 @@ def parse_selectors(spec: str) -> tuple[str, str | None, slice | None]:
   return spec, only.group(1) if only else None, rows
 
 
-def load_spec_list(specs: str, *, label: str | None = None, n: int | None = None, seed: int = 0,
+def source_list(specs: str | Sequence[str]) -> list[str]:
+  """A comma-separated string of specs, or a sequence of them (a resolved config's tuple), as stripped entries."""
+  parts = specs.split(",") if isinstance(specs, str) else specs
+  return [s.strip() for s in parts if s.strip()]
+
+
+def load_spec_list(specs: str | Sequence[str], *, label: str | None = None, n: int | None = None, seed: int = 0,
                    key: str = "data") -> list[dict]:
-  """Records from a comma-separated list of specs: `builtin:NAME`, a local file, or `hf:ID[:CONFIG][:SPLIT]`, each
+  """Records from a list of specs (`source_list`): `builtin:NAME`, a local file, or `hf:ID[:CONFIG][:SPLIT]`, each
   optionally narrowed by `#LABEL` and `@START:STOP` (`parse_selectors`); `label` then relabels every record."""
   records = []
-  for full_spec in [s.strip() for s in str(specs).split(",") if s.strip()]:
+  for full_spec in source_list(specs):
     spec, only, rows = parse_selectors(full_spec)
     if spec.startswith("builtin:"):
       path = BUILTIN_DIR / f"{spec[len('builtin:'):]}.jsonl"
@@ -73,10 +79,10 @@ def load_spec_list(specs: str, *, label: str | None = None, n: int | None = None
   return records
 
 
-def load_refusals(specs: str) -> list[str]:
+def load_refusals(specs: str | Sequence[str]) -> list[str]:
   """Refusal texts from `builtin:NAME`, a .txt file (one per line) or a .jsonl file of {"response": ...}."""
   texts = []
-  for spec in [s.strip() for s in str(specs).split(",") if s.strip()]:
+  for spec in source_list(specs):
     path = BUILTIN_DIR / f"{spec[len('builtin:'):]}.jsonl" if spec.startswith("builtin:") else Path(spec)
     if not path.is_file():
       raise UserError(f"config.data.refusals: {spec} not found; give builtin:refusals, a .txt or a .jsonl file")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
+
+from etils import epath
 
 import matplotlib
 
@@ -13,7 +15,7 @@ import numpy as np  # noqa: E402
 LABELS = {"seemingly_toxic": "seemingly toxic", "toxic": "toxic", "general": "general"}
 
 
-def heatmap(entry: dict, path: Path, measure: str = "ratio") -> None:
+def heatmap(entry: dict, path: epath.PathLike, measure: str = "ratio") -> None:
   """The group block means of one checkpoint as an annotated heatmap."""
   names, values = entry["groups"], np.asarray(entry[measure])
   fig, ax = plt.subplots(figsize=(4.2, 3.6))
@@ -28,8 +30,7 @@ def heatmap(entry: dict, path: Path, measure: str = "ratio") -> None:
   ax.set_title(f"{entry['label']}: kernel {measure}")
   fig.colorbar(im, ax=ax)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def _pair(entry: dict, measure: str, row: str, col: str) -> float:
@@ -40,7 +41,7 @@ def _pair(entry: dict, measure: str, row: str, col: str) -> float:
 _STAGE_ORDER = {"base": 0, "refine": 1, "align": 2}
 
 
-def curves(runs: dict[str, list[dict]], path: Path) -> None:
+def curves(runs: dict[str, list[dict]], path: epath.PathLike) -> None:
   """Against the checkpoint (base, then refine and align steps; every run on one shared axis): the toxic × seemingly
   toxic cosine, the paper's ratio in both directions (it divides by the row group's own kernel, so it is not
   symmetric), and each group's refusal probability."""
@@ -67,5 +68,12 @@ def curves(runs: dict[str, list[dict]], path: Path) -> None:
   ratio_ax.legend(fontsize=6)
   refusal_ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _save(fig, path)
+
+
+def _save(fig, path: epath.PathLike) -> None:
+  """PNG bytes written through epath (a local path or gs://…), the figure closed."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=120)
   plt.close(fig)
+  epath.Path(path).write_bytes(buffer.getvalue())

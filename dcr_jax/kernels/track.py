@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
-from flax import nnx, traverse_util
+from etils import epath
 
+from dcr_jax import checkpoints
 from dcr_jax.data.batching import load_spec_list
 from dcr_jax.errors import UserError
+from dcr_jax.evaluate.refusal_prob import refusal_probability
 from dcr_jax.kernels import ntk, similarity
-from dcr_jax.train.loop import read_checkpoint
 from dcr_jax.weights.tokenizer import encode_chat
+
+if TYPE_CHECKING:  # the spec is read, never built, here
+  from dcr_jax.config import Spec
 
 GROUPS = ("seemingly_toxic", "toxic", "general")
 
@@ -35,15 +39,15 @@ class Probe:
   ids: np.ndarray  # [S]
 
 
-def probe_prompts(config) -> tuple[list[str], list[str]]:
-  """n prompts per group (seeded) from the config's data specs: seemingly toxic, toxic, general."""
-  kc, data = config.kernels, config.data
+def probe_prompts(spec: Spec) -> tuple[list[str], list[str]]:
+  """n prompts per group (seeded) from the spec's data sources: seemingly toxic, toxic, general."""
+  kc, data = spec.kernels, spec.data
   specs = {"seemingly_toxic": (data.seemingly_toxic, "seemingly_toxic"), "toxic": (data.toxic, "toxic"),
            "general": (data.general, "benign")}
   prompts, groups = [], []
   for group in GROUPS:
-    spec, label = specs[group]
-    records = load_spec_list(spec, label=label, n=kc.n_per_group, seed=config.seed + 17, key=f"data.{group}")
+    sources, label = specs[group]
+    records = load_spec_list(sources, label=label, n=kc.n_per_group, seed=spec.seed + 17, key=f"data.{group}")
     if not records:
       raise UserError(f"config.data.{group} gave no prompts for the kernel probe")
     prompts += [r["prompt"] for r in records]
@@ -62,26 +66,24 @@ def encode_prompts(tokenizer, prompts: list[str], max_len: int) -> tuple[np.ndar
   return tokens, mask
 
 
-def build_probe(model, tokenizer, config) -> Probe:
-  prompts, groups = probe_prompts(config)
-  tokens, mask = encode_prompts(tokenizer, prompts, config.kernels.max_len)
+def build_probe(model, tokenizer, spec: Spec) -> Probe:
+  """The probe prompts, and S = the top-k tokens of `model`'s (the base model's) first-token distributions."""
+  prompts, groups = probe_prompts(spec)
+  tokens, mask = encode_prompts(tokenizer, prompts, spec.kernels.max_len)
   graphdef, params, rest = ntk.split_params(model, "all")
   probs = ntk.next_token_probs(ntk.first_token_logits_fn(graphdef, rest), params, tokens, mask)
-  return Probe(prompts, groups, tokens, mask, ntk.token_set(probs=probs, k=config.kernels.top_k))
+  return Probe(prompts, groups, tokens, mask, ntk.token_set(probs=probs, k=spec.kernels.top_k))
 
 
-def measure(model, tokenizer, probe: Probe, config) -> dict:
+def measure(model, tokenizer, probe: Probe, spec: Spec) -> dict:
   """Kernel block means and refusal probabilities of `model` on the probe."""
-  from dcr_jax.evaluate.refusal_prob import refusal_probability
-
-  kc = config.kernels
+  kc = spec.kernels
   kw = {"layer": kc.layer} if kc.params == "up_to_layer" else {"last_n": kc.last_n} if kc.params == "last_n" else {}
   graphdef, params, rest = ntk.split_params(model, kc.params, **kw)
   f = ntk.first_token_logits_fn(graphdef, rest)
   started = time.time()
   k = ntk.logit_kernel(f, params, probe.tokens, probe.mask, probe.ids, method=kc.method, chunk_size=kc.chunk_size,
-                       out_chunk=kc.out_chunk or None,
-                       progress=jax.process_index() == 0)
+                       out_chunk=kc.out_chunk, progress=jax.process_index() == 0)
   names, ratio, counts = similarity.block_means(similarity.kernel_ratio(k), probe.groups)
   _, cosine, _ = similarity.block_means(similarity.kernel_cosine(k), probe.groups)
   refusal = refusal_probability(model, tokenizer, probe.prompts)
@@ -90,38 +92,17 @@ def measure(model, tokenizer, probe: Probe, config) -> dict:
           "refusal_prob": by_group, "seconds": round(time.time() - started, 1)}
 
 
-def checkpoints(workdir: Path, which: str) -> list[tuple[str, int]]:
-  """(stage, step) of the kept checkpoints, refine before align; `which` = all | STEP,STEP,... (align steps)."""
-  found = []
-  for stage in ("refine", "align"):
-    directory = workdir / "checkpoints" / stage
-    if directory.is_dir():
-      found += [(stage, int(p.name)) for p in sorted(directory.iterdir(), key=lambda p: (len(p.name), p.name))
-                if p.name.isdigit()]
+def selected_checkpoints(workdir: epath.PathLike, which: str) -> list[tuple[str, int]]:
+  """(stage, step) of the kept checkpoints, refine before align; `which` = all | STEP,STEP,... (any stage's steps)."""
+  found = [(stage, step) for stage in ("refine", "align") for step in checkpoints.kept_steps(workdir, stage)]
   if which != "all":
-    wanted = {int(s) for s in which.split(",") if s.strip()}
+    try:
+      wanted = {int(s) for s in which.split(",") if s.strip()}
+    except ValueError:
+      raise UserError(f"--checkpoints={which}: write all or comma-separated step numbers") from None
     missing = wanted - {step for _, step in found}
     if missing:
       raise UserError(f"--checkpoints: steps {sorted(missing)} are not in {workdir}/checkpoints; "
                       f"kept: {sorted({s for _, s in found})}")
     found = [(stage, step) for stage, step in found if step in wanted]
   return found
-
-
-def load_into(model, workdir: Path, stage: str, step: int) -> None:
-  """Puts a checkpoint's params (trained and frozen parts) into `model`, whose structure must match."""
-  saved = read_checkpoint(workdir / "checkpoints" / stage / str(step) / "default")
-  flat = {}
-  for part in ("params", "frozen"):
-    for path, value in traverse_util.flatten_dict(saved[part]).items():
-      keys = tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in path if k != "value")
-      flat[keys] = value
-  state = nnx.state(model, nnx.Param)
-  ours = dict(nnx.to_flat_state(state))
-  missing = [p for p in ours if p not in flat]
-  if missing:
-    raise UserError(f"{workdir}/checkpoints/{stage}/{step}: no saved value for {missing[0]}; was the model built "
-                    "with the same LoRA settings?")
-  for path, variable in ours.items():
-    variable.set_value(jax.device_put(flat[path], variable.get_value().sharding))
-  nnx.update(model, state)

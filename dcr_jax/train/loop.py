@@ -1,22 +1,29 @@
-"""The training loop: resume from the last orbax checkpoint, progress bar, metrics, NaN guard, periodic saves."""
+"""Training a stage: the typed `StageProgram` every stage builder returns, `train_stage` (state on the mesh, compile
+once, resume, loop, the trained model out), and the loop itself (progress bar, metrics, NaN guard, periodic saves)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import nnx
 from tqdm.auto import tqdm
 
+from dcr_jax import checkpoints, parallel
 from dcr_jax.errors import UserError
-from dcr_jax.train.state import TrainState
+from dcr_jax.model import Decoder
+from dcr_jax.train.state import create_state, merge
+from dcr_jax.train.steps import compile_step
 from dcr_jax.workdir_io import append_text, as_path, is_remote
 
 
@@ -46,11 +53,11 @@ class MetricsWriter:
     self._tb_dir = workdir / "tensorboard"
     self._tb_local = self._events = None  # remote: local temp dir + synchronous event writer
     if enabled and self.remote:
-      from tensorboardX.event_file_writer import EventsWriter
+      from tensorboardX.event_file_writer import EventsWriter  # lazy: only the writer this workdir needs
       self._tb_local = tempfile.TemporaryDirectory(prefix="dcr_tensorboard_")
       self._events = EventsWriter(os.path.join(self._tb_local.name, "events"))
     elif enabled:
-      from tensorboardX import SummaryWriter
+      from tensorboardX import SummaryWriter  # lazy: only the writer this workdir needs
       self.tensorboard = SummaryWriter(os.fspath(self._tb_dir))
 
   def write(self, stage: str, step: int, metrics: dict) -> None:
@@ -67,7 +74,7 @@ class MetricsWriter:
       self._rows = self.path.read_text().splitlines() if self.path.is_file() else []
     self._rows.append(json.dumps(row))
     self.path.write_text("".join(line + "\n" for line in self._rows))
-    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.proto.event_pb2 import Event  # lazy: tensorboardX's protobuf modules, remote runs only
     from tensorboardX.summary import scalar
     now = time.time()
     for key, value in metrics.items():
@@ -77,27 +84,10 @@ class MetricsWriter:
       (self._tb_dir / event_file.name).write_bytes(event_file.read_bytes())
 
 
-def checkpoint_manager(directory: epath.PathLike, keep: int) -> ocp.CheckpointManager:
-  """Orbax manager keeping the last `keep` checkpoints; a save is committed atomically (tmp dir then rename).
-  Orbax takes gs://… directly; only a local path is made absolute."""
-  directory = as_path(directory)
-  return ocp.CheckpointManager(directory if is_remote(directory) else directory.resolve(),
-                               options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
-
-
-def restore_latest(manager: ocp.CheckpointManager, state: TrainState, shardings) -> TrainState:
-  """The latest committed checkpoint restored straight into `shardings`, or `state` when there is none."""
-  latest = manager.latest_step()
-  if latest is None:
-    return state
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-  return manager.restore(latest, args=ocp.args.StandardRestore(abstract))
-
-
-def train_loop(*, stage: str, step_fn: Callable, state: TrainState, batch_fn: Callable[[int], dict],
+def train_loop(*, stage: str, step_fn: Callable, state, batch_fn: Callable[[int], dict],
                num_steps: int, manager: ocp.CheckpointManager, save_every: int, log_every: int,
                writer: MetricsWriter, show_progress: bool = True,
-               on_save: Callable[[int, TrainState], dict] | None = None) -> tuple[TrainState, dict]:
+               on_save: Callable[[int, Any], dict] | None = None) -> tuple[Any, dict]:
   """Runs steps state.step..num_steps-1; saves every `save_every` steps and at the end, logging `on_save`'s metrics
   (e.g. validation) for each saved step. Returns (state, summary)."""
   start = int(jax.device_get(state.step))
@@ -132,12 +122,75 @@ def train_loop(*, stage: str, step_fn: Callable, state: TrainState, batch_fn: Ca
                  "resumed_from": start, "tokens": tokens}
 
 
-def read_checkpoint(path: epath.PathLike) -> dict:
-  """A saved TrainState as nested dicts of arrays on this process's first device, whatever topology wrote it."""
+def _same(model: Decoder) -> Decoder:
+  return model
+
+
+@dataclasses.dataclass(frozen=True)
+class StageProgram:
+  """One training stage as a value, built by the stage's pure `program(spec, architecture, data)`: training, the
+  planner (abstract shapes), restoring and the sweep all read the same one, so they cannot drift."""
+
+  name: str  # the checkpoint directory: DIR/checkpoints/<name>
+  trainable: Any  # nnx filter of the params the optimizer updates; the rest ride along frozen
+  optimizer: optax.GradientTransformation
+  make_step: Callable[[nnx.GraphDef], Callable]  # graphdef -> pure step(state, batch) -> (state, metrics)
+  batch_shapes: dict[str, jax.ShapeDtypeStruct]  # one global batch
+  steps: int
+  log_every: int
+  adapt: Callable[[Decoder], Decoder] = _same  # the model this stage trains, made from the one handed in (LoRA)
+  batches: Callable[[int], dict] | None = None  # step -> host batch; None when built without data (planning)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainContext:
+  """Where a stage trains and saves: built by the entry point and handed to `train_stage`."""
+
+  workdir: epath.Path
+  mesh: jax.sharding.Mesh
+  writer: "MetricsWriter"
+  seed: int
+  save_every: int
+  keep: int
+  validate: Callable[[Decoder], dict] | None = None  # metrics of the saved model, logged at every save
+
+
+def train_stage(program: StageProgram, model: Decoder, ctx: TrainContext) -> tuple[Decoder, dict]:
+  """Trains `program.adapt(model)` from its latest checkpoint (if any) to `program.steps`; returns the trained model
+  (a new value; `model` is untouched) and the stage summary."""
+  mesh = ctx.mesh
+  graphdef, state = create_state(program.adapt(model), program.trainable, program.optimizer, ctx.seed)
+  shardings = parallel.state_shardings(state, mesh)
+  state = parallel.shard_pytree(state, shardings)
+  manager = checkpoints.manager(checkpoints.stage_dir(ctx.workdir, program.name), keep=ctx.keep)
+  state = checkpoints.restore_latest(manager, state, shardings)
+  batch_shardings = {k: parallel.batch_sharding(mesh, len(v.shape)) for k, v in program.batch_shapes.items()}
+  compiled = compile_step(program.make_step(graphdef), shardings, batch_shardings)
+
+  def placed_batch(i):
+    """Every process builds batch i (cheap, deterministic) and feeds only the rows its devices hold."""
+    batch = program.batches(i)
+    return {k: parallel.local_batch_to_global(
+        np.asarray(v)[parallel.process_rows(batch_shardings[k], np.shape(v))], mesh) for k, v in batch.items()}
+
+  on_save = None if ctx.validate is None else (lambda step, saved: ctx.validate(merge(graphdef, saved)))
+  state, summary = train_loop(stage=program.name, step_fn=compiled, state=state, batch_fn=placed_batch,
+                              num_steps=program.steps, manager=manager, save_every=ctx.save_every,
+                              log_every=program.log_every, writer=ctx.writer,
+                              show_progress=jax.process_index() == 0, on_save=on_save)
+  if summary["final_loss"] is None:  # the stage had already finished: report its last logged loss
+    summary["final_loss"] = last_logged(as_path(ctx.workdir) / "metrics.jsonl", program.name, "loss")
+  return merge(graphdef, state), summary
+
+
+def last_logged(path, stage: str, key: str):
+  """The last value of `key` logged for `stage` in metrics.jsonl (a local path or gs://…), or None."""
   path = as_path(path)
-  path = path if is_remote(path) else path.resolve()
-  checkpointer = ocp.StandardCheckpointer()
-  tree = checkpointer.metadata(path).item_metadata.tree
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-  return checkpointer.restore(path, target)
+  if not path.is_file():
+    return None
+  value = None
+  for line in path.read_text().splitlines():
+    row = json.loads(line)
+    if row.get("stage") == stage and key in row:
+      value = row[key]
+  return value

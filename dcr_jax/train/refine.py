@@ -2,117 +2,110 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from dcr_jax.data.batching import BalancedSampler, SFTMixture, load_spec_list, tokenize_pairs, tokenize_prompts
+from dcr_jax.data.batching import BalancedSampler, PromptSet, SFTMixture, load_spec_list, tokenize_pairs, \
+    tokenize_prompts
 from dcr_jax.errors import UserError
+from dcr_jax.model import Decoder, ModelConfig
 from dcr_jax.train import probe
+from dcr_jax.train.loop import StageProgram, TrainContext, train_stage
 from dcr_jax.train.state import make_optimizer, trainable_filter
 from dcr_jax.train.steps import make_refine_step
-from dcr_jax.train.runner import StageRun, load_validation
+
+if TYPE_CHECKING:  # the spec is read, never built, here: training does not import the config's checks
+  from dcr_jax.config import Spec
 
 
-def parse_layers(spec, num_layers: int) -> list[int]:
-  """"middle" | "9" | "6,9" -> sorted layer indices in 1..num_layers (ℓ = after ℓ blocks)."""
-  text = str(spec).strip()
-  layers = [num_layers // 2] if text in ("middle", "", "-1") else [int(p) for p in text.split(",") if p.strip()]
-  bad = [l for l in layers if not 1 <= l <= num_layers]
-  if bad:
-    raise UserError(f"config.refine.layer={spec!r} is out of range; use 1..{num_layers} or 'middle'")
-  return sorted(set(layers))
+@dataclasses.dataclass(frozen=True)
+class RefineData:
+  """Stage 1's tokenized data: labelled prompts (train and probe holdout), and the LM-retention mixture if any."""
+
+  train: PromptSet
+  holdout: PromptSet
+  sampler: BalancedSampler
+  lm_batches: SFTMixture | None
 
 
-def load_refine_data(config, tokenizer):
-  """(train PromptSet, holdout PromptSet) of the labelled prompts, split by a seeded permutation."""
-  data = config.data
-  records = (load_spec_list(data.toxic, label="toxic", n=data.n_toxic or None, seed=config.seed, key="data.toxic")
-             + load_spec_list(data.seemingly_toxic, label="seemingly_toxic", n=data.n_seemingly_toxic or None,
-                              seed=config.seed, key="data.seemingly_toxic"))
+def load_data(spec: Spec, tokenizer) -> RefineData:
+  """Loads and tokenizes stage 1's data; raises UserError naming the key before anything is written."""
+  data, seed = spec.data, spec.seed
+  records = (load_spec_list(data.toxic, label="toxic", n=data.n_toxic, seed=seed, key="data.toxic")
+             + load_spec_list(data.seemingly_toxic, label="seemingly_toxic", n=data.n_seemingly_toxic, seed=seed,
+                              key="data.seemingly_toxic"))
   if data.benign_class:
-    records += load_spec_list(data.benign_class, label="benign", seed=config.seed, key="data.benign_class")
+    records += load_spec_list(data.benign_class, label="benign", seed=seed, key="data.benign_class")
   for label, key in (("toxic", "data.toxic"), ("seemingly_toxic", "data.seemingly_toxic")):
     if not any(r["label"] == label for r in records):
       raise UserError(f"config.{key}: the {label} class is empty; give at least one prompt set")
-  order = np.random.default_rng(config.seed).permutation(len(records))
-  n_holdout = int(len(records) * config.refine.holdout)
+  order = np.random.default_rng(seed).permutation(len(records))
+  n_holdout = int(len(records) * spec.refine.holdout)
   holdout = [records[i] for i in order[:n_holdout]]
   train = [records[i] for i in order[n_holdout:]]
-  max_len = config.refine.max_len
-  return tokenize_prompts(tokenizer, train, max_len), tokenize_prompts(tokenizer, holdout, max_len)
+  rc = spec.refine
+  train_set = tokenize_prompts(tokenizer, train, rc.max_len)
+  return RefineData(train=train_set, holdout=tokenize_prompts(tokenizer, holdout, rc.max_len),
+                    sampler=BalancedSampler(train_set.labels, rc.batch_size, rc.class_ratio, seed),
+                    lm_batches=_lm_batches(spec, tokenizer) if rc.lm_weight > 0 else None)
 
 
-LOSS_KWARGS = {"circle": ("margin", "gamma"), "triplet": ("margin",), "supcon": ("temperature",),
-               "infonce": ("temperature",)}
+def _lm_batches(spec: Spec, tokenizer) -> SFTMixture:
+  """General instruction data for the optional LM-retention term (packed like stage 2)."""
+  general = load_spec_list(spec.data.general, label="benign", key="data.general")
+  pairs = tokenize_pairs(tokenizer, [r for r in general if r.get("response")], spec.align.max_len)
+  return SFTMixture({"general": pairs}, {"general": 1.0}, spec.refine.lm_batch_size, spec.align.max_len, spec.seed + 1)
 
 
-def prepare_refine(config, tokenizer, model_config) -> dict:
-  """Checks the stage-1 config and loads its data before anything is written; raises UserError naming the key."""
-  rc = config.refine
-  if rc.loss not in LOSS_KWARGS:
-    raise UserError(f"config.refine.loss={rc.loss!r} is unknown; choose from {', '.join(LOSS_KWARGS)}")
-  if rc.pooling not in ("last", "mean"):
-    raise UserError(f"config.refine.pooling={rc.pooling!r} is unknown; choose last or mean")
-  layers = parse_layers(rc.layer, model_config.num_layers)
-  train, holdout = load_refine_data(config, tokenizer)
-  ratio = [float(x) for x in str(rc.class_ratio).split(",")]
-  return {"layers": layers, "train": train, "holdout": holdout,
-          "sampler": BalancedSampler(train.labels, rc.batch_size, ratio, config.seed),
-          "loss_kwargs": {k: rc[k] for k in LOSS_KWARGS[rc.loss]},
-          "lm_batches": _lm_batches(config, tokenizer) if rc.lm_weight > 0 else None,
-          "validation": load_validation(config)}
+LM_KEYS = {"lm_tokens": "tokens", "lm_targets": "targets", "lm_mask": "loss_mask", "lm_segments": "segments",
+           "lm_positions": "positions"}
 
 
-def run_refine(ctx, prepared: dict) -> dict:
-  """Trains layers ≤ ℓ (and the embedding) with the configured contrastive loss; returns the stage summary."""
-  rc = ctx.config.refine
-  layers, train, holdout = prepared["layers"], prepared["train"], prepared["holdout"]
-  sampler, lm_batches = prepared["sampler"], prepared["lm_batches"]
-  probe_before = _probe(ctx.model, train, holdout, layers[0], rc.pooling) if rc.probe else {}
-  optimizer = make_optimizer(lr=rc.lr, steps=rc.steps, warmup=rc.warmup, weight_decay=rc.weight_decay,
-                             clip=rc.clip)
-  run = StageRun(ctx, "refine", trainable_filter("refine", max(layers)), optimizer)
-  step = make_refine_step(run.graphdef, optimizer, layers=layers, pooling=rc.pooling, loss=rc.loss,
-                          loss_kwargs=prepared["loss_kwargs"], lm_weight=rc.lm_weight)
+def program(spec: Spec, architecture: ModelConfig, data: RefineData | None = None) -> StageProgram:
+  """Stage 1 as a value: layers ≤ ℓ (and the embedding) trained by the configured contrastive loss (plus the
+  LM-retention term when refine.lm_weight > 0). Without `data` it has shapes but no batches (planning)."""
+  rc = spec.refine
+  optimizer = make_optimizer(lr=rc.lr, steps=rc.steps, warmup=rc.warmup, weight_decay=rc.weight_decay, clip=rc.clip)
+  shapes = {"tokens": ((rc.batch_size, rc.max_len), jnp.int32), "mask": ((rc.batch_size, rc.max_len), jnp.int32),
+            "labels": ((rc.batch_size,), jnp.int32)}
+  if rc.lm_weight > 0:
+    lm_shape = (rc.lm_batch_size, spec.align.max_len)
+    shapes.update({k: (lm_shape, jnp.float32 if k == "lm_mask" else jnp.int32) for k in LM_KEYS})
 
-  def batch_fn(i):
-    batch = train.take(sampler.indices(i))
-    if lm_batches is not None:
-      lm = lm_batches.batch(i)
-      batch.update({"lm_tokens": lm["tokens"], "lm_targets": lm["targets"], "lm_mask": lm["loss_mask"],
-                    "lm_segments": lm["segments"], "lm_positions": lm["positions"]})
+  def batches(i: int) -> dict:
+    batch = data.train.take(data.sampler.indices(i))
+    if data.lm_batches is not None:
+      lm = data.lm_batches.batch(i)
+      batch.update({k: lm[v] for k, v in LM_KEYS.items()})
     return batch
 
-  summary = run.train(step, batch_fn, steps=rc.steps, log_every=rc.log_every, validation=prepared["validation"])
-  summary["layers"] = layers
+  return StageProgram(
+      name="refine", trainable=trainable_filter("refine", max(rc.layers)), optimizer=optimizer,
+      make_step=lambda graphdef: make_refine_step(graphdef, optimizer, layers=rc.layers, pooling=rc.pooling,
+                                                  loss=rc.loss, loss_kwargs=rc.loss_kwargs, lm_weight=rc.lm_weight),
+      batch_shapes={k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()},
+      steps=rc.steps, log_every=rc.log_every, batches=None if data is None else batches)
+
+
+def run(spec: Spec, stage: StageProgram, data: RefineData, model: Decoder, ctx: TrainContext) -> tuple[Decoder, dict]:
+  """Trains stage 1 and returns (refined model, summary with ℓ and the layer-ℓ probe before and after)."""
+  rc = spec.refine
+  probe_before = _probe(model, data, rc.layers[0], rc.pooling) if rc.probe else {}
+  model, summary = train_stage(stage, model, ctx)
+  summary["layers"] = list(rc.layers)
   if rc.probe:
-    summary["probe"] = {"before": probe_before, "after": _probe(ctx.model, train, holdout, layers[0], rc.pooling)}
-  return summary
+    summary["probe"] = {"before": probe_before, "after": _probe(model, data, rc.layers[0], rc.pooling)}
+  return model, summary
 
 
-def _lm_batches(config, tokenizer) -> SFTMixture:
-  """General instruction data for the optional LM-retention term (packed like stage 2)."""
-  general = load_spec_list(config.data.general, label="benign", key="data.general")
-  pairs = tokenize_pairs(tokenizer, [r for r in general if r.get("response")], config.align.max_len)
-  return SFTMixture({"general": pairs}, {"general": 1.0}, config.refine.lm_batch_size, config.align.max_len,
-                    config.seed + 1)
-
-
-def _probe(model, train, holdout, layer, pooling) -> dict:
-  x_train = probe.embed_prompts(model, train, layer=layer, pooling=pooling)
-  x_hold = probe.embed_prompts(model, holdout, layer=layer, pooling=pooling)
-  out = probe.mean_similarities(x_hold, holdout.labels)
-  if len(holdout) and len(set(holdout.labels.tolist())) > 1:
-    out["heldout_accuracy"] = probe.probe_accuracy(x_train, train.labels, x_hold, holdout.labels)
+def _probe(model, data: RefineData, layer: int, pooling: str) -> dict:
+  x_train = probe.embed_prompts(model, data.train, layer=layer, pooling=pooling)
+  x_hold = probe.embed_prompts(model, data.holdout, layer=layer, pooling=pooling)
+  out = probe.mean_similarities(x_hold, data.holdout.labels)
+  if len(data.holdout) and len(set(data.holdout.labels.tolist())) > 1:
+    out["heldout_accuracy"] = probe.probe_accuracy(x_train, data.train.labels, x_hold, data.holdout.labels)
   return out
-
-
-def restore_refined(ctx) -> bool:
-  """Loads the refined params of an earlier run of this workdir into ctx.model; False when there are none."""
-  rc = ctx.config.refine
-  if not StageRun.has_checkpoint(ctx, "refine"):
-    return False
-  layers = parse_layers(rc.layer, ctx.model.config.num_layers)
-  optimizer = make_optimizer(lr=rc.lr, steps=rc.steps, warmup=rc.warmup, weight_decay=rc.weight_decay,
-                             clip=rc.clip)
-  StageRun(ctx, "refine", trainable_filter("refine", max(layers)), optimizer).hand_over()
-  return True

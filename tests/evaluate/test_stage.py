@@ -1,40 +1,43 @@
-"""The evaluate stage: rows per prompt, resumption without redoing prompts, a torn last line, metrics."""
+"""The evaluate stage: rows per prompt, resumption without redoing prompts, a torn last line, metrics; the validation
+callback training logs at each save."""
 
 import json
-import types
 
-import ml_collections
+import jax
+import numpy as np
 import pytest
 from flax import nnx
 
-from dcr_jax.config import base_config
+from dcr_jax.config import base_config, resolve
 from dcr_jax.evaluate import stage
 from dcr_jax.evaluate.refusal import KeywordJudge
+from dcr_jax.evaluate.refusal_prob import refusal_probability
 from dcr_jax.model import Decoder, tiny
 from dcr_jax.pipeline import builtin_corpus
 from dcr_jax.weights.tokenizer import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
-def ctx_factory():
+def setup():
   model = Decoder(tiny("gemma3"), rngs=nnx.Rngs(0))
   tokenizer = tiny_tokenizer(512, builtin_corpus())
 
-  def make(workdir):
+  def spec(**evaluate):
     config = base_config()
+    config.model.name, config.model.random_init = "tiny-gemma3", True
     config.evaluate.batch_size = 4
     config.evaluate.max_new_tokens = 6
     config.evaluate.suites = "demo-over-refusal,demo-harmful"
     config.evaluate.n = 6
-    return types.SimpleNamespace(config=config, workdir=workdir, model=model, tokenizer=tokenizer)
+    config.evaluate.update(evaluate)
+    return resolve(config)
 
-  return make
+  return model, tokenizer, spec
 
 
-def test_rows_and_metrics(ctx_factory, tmp_path):
-  ctx = ctx_factory(tmp_path)
-  prepared = stage.prepare_evaluate(ctx.config, ctx.tokenizer, ctx.model.config)
-  summary = stage.run_evaluate(ctx, prepared)
+def test_rows_and_metrics(setup, tmp_path):
+  model, tokenizer, spec = setup
+  summary = stage.run(spec(), stage.load_data(spec()), model, tokenizer, tmp_path)
   rows = [json.loads(l) for l in (tmp_path / "eval" / "demo-harmful.jsonl").read_text().splitlines()]
   assert len(rows) == 6
   assert set(rows[0]) == {"prompt", "label", "category", "generation", "refused", "refusal_prob"}
@@ -45,10 +48,11 @@ def test_rows_and_metrics(ctx_factory, tmp_path):
   assert summary["safety"] == pytest.approx(expected)
 
 
-def test_resume_skips_done_prompts_and_drops_a_torn_line(ctx_factory, tmp_path, monkeypatch):
-  ctx = ctx_factory(tmp_path)
+def test_resume_skips_done_prompts_and_drops_a_torn_line(setup, tmp_path, monkeypatch):
+  model, tokenizer, spec = setup
   records = stage.load_suite("demo-harmful", n=6, seed=0)
-  first = stage.evaluate_suite(ctx, "demo-harmful", records[:4], KeywordJudge(), show_progress=False)
+  first = stage.evaluate_suite(spec(), model, tokenizer, tmp_path, "demo-harmful", records[:4], KeywordJudge(),
+                               show_progress=False)
   path = tmp_path / "eval" / "demo-harmful.jsonl"
   with path.open("a") as f:
     f.write('{"prompt": "torn')  # a crash in the middle of a write
@@ -56,30 +60,49 @@ def test_resume_skips_done_prompts_and_drops_a_torn_line(ctx_factory, tmp_path, 
   real = stage.generate
   monkeypatch.setattr(stage, "generate", lambda model, prompts, **kw: calls.append(len(prompts)) or
                       real(model, prompts, **kw))
-  rows = stage.evaluate_suite(ctx, "demo-harmful", records, KeywordJudge(), show_progress=False)
+  rows = stage.evaluate_suite(spec(), model, tokenizer, tmp_path, "demo-harmful", records, KeywordJudge(),
+                              show_progress=False)
   assert [r["prompt"] for r in rows[:4]] == [r["prompt"] for r in first]
   assert sorted(r["prompt"] for r in rows) == sorted(r["prompt"] for r in records)
   assert calls == [4]  # one batch for the two missing prompts (padded to the batch size)
   assert len(path.read_text().splitlines()) == 6
 
 
-def test_unknown_suite_lists_known_ones(ctx_factory, tmp_path):
-  ctx = ctx_factory(tmp_path)
-  ctx.config.evaluate.suites = "xstest,nope"
+def test_unknown_suite_lists_known_ones(setup):
+  _, _, spec = setup
   with pytest.raises(Exception) as e:
-    stage.prepare_evaluate(ctx.config, ctx.tokenizer, ctx.model.config)
+    spec(suites="xstest,nope")
   assert "nope" in str(e.value) and "advbench" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_per_suite_prompt_counts(ctx_factory, tmp_path):
-  ctx = ctx_factory(tmp_path)
-  ctx.config.evaluate.suites = "demo-over-refusal:3,demo-harmful"
-  assert stage.suite_sizes(ctx.config) == {"demo-over-refusal": 3, "demo-harmful": 6}
-  prepared = stage.prepare_evaluate(ctx.config, ctx.tokenizer, ctx.model.config)
-  assert {name: len(records) for name, records in prepared["suites"].items()} == {"demo-over-refusal": 3,
-                                                                                   "demo-harmful": 6}
-  ctx.config.evaluate.n = 0
-  assert stage.suite_sizes(ctx.config)["demo-harmful"] is None  # 0 = all
-  ctx.config.evaluate.suites = "demo-harmful:ten"
-  with pytest.raises(Exception, match=r"'demo-harmful:ten'; write NAME or NAME:N"):
-    stage.prepare_evaluate(ctx.config, ctx.tokenizer, ctx.model.config)
+def test_per_suite_prompt_counts(setup):
+  _, _, spec = setup
+  counted = spec(suites="demo-over-refusal:3,demo-harmful")
+  assert dict(counted.evaluate.suites) == {"demo-over-refusal": 3, "demo-harmful": 6}
+  assert {name: len(records) for name, records in stage.load_data(counted).suites.items()} == {
+      "demo-over-refusal": 3, "demo-harmful": 6}
+  assert dict(spec(n=0).evaluate.suites)["demo-harmful"] is None  # 0 = all
+  with pytest.raises(Exception, match=r"'demo-harmful:ten' is not NAME or NAME:N"):
+    spec(suites="demo-harmful:ten")
+
+
+def test_validation_is_the_refusal_probability_of_the_saved_model(setup):
+  model, tokenizer, _ = setup
+  config = base_config()
+  config.data.val_toxic, config.data.val_seemingly_toxic = "builtin:toxic@0:3", "builtin:seemingly_toxic@::40"
+  groups = stage.load_validation(resolve(config))
+  assert [len(groups[g]) for g in ("toxic", "seemingly_toxic")] == [3, 4]
+  validate = stage.validator(groups, tokenizer)
+  graphdef, state = nnx.split(model)
+  moved = nnx.merge(graphdef, jax.tree.map(lambda x: x * 1.5, state))
+  got = validate(moved)
+  for group, prompts in groups.items():
+    after = float(np.mean(refusal_probability(moved, tokenizer, prompts)))
+    before = float(np.mean(refusal_probability(model, tokenizer, prompts)))
+    assert got[f"val_refusal_prob_{group}"] == pytest.approx(after, rel=1e-5)
+    assert got[f"val_refusal_prob_{group}"] != pytest.approx(before, rel=1e-3)
+
+
+def test_no_validation_sets_means_no_validation():
+  assert stage.load_validation(resolve(base_config())) == {}
+  assert stage.validator({}, None) is None

@@ -16,7 +16,8 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import struct
 
-from dcr_jax.train.loop import MetricsWriter, TrainingDiverged, checkpoint_manager, train_loop
+from dcr_jax.checkpoints import manager as checkpoint_manager
+from dcr_jax.train.loop import MetricsWriter, TrainingDiverged, train_loop
 from helpers import final_stage_params
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,7 +67,7 @@ def test_sigkill_three_times_then_resume_is_bitwise_identical(tmp_path):
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
   script = textwrap.dedent(f"""
       import os, signal, numpy as np, orbax.checkpoint as ocp
-      from dcr_jax.train.loop import checkpoint_manager
+      from dcr_jax.checkpoints import manager as checkpoint_manager
       from pathlib import Path
       manager = checkpoint_manager(Path({str(tmp_path)!r}), keep=3)
       manager.save(1, args=ocp.args.StandardSave({{"w": np.ones((4, 4), np.float32)}}))
