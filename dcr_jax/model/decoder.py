@@ -31,7 +31,7 @@ def default_positions(mask: Array, offset: Array | int = 0) -> Array:
 
 
 class Decoder(nnx.Module):
-  """Gemma-family decoder. `model(tokens [B T])` -> float32 logits [B T V]; options documented on __call__."""
+  """The decoder of every family. `model(tokens [B T])` -> float32 logits [B T V]; options documented on __call__."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config

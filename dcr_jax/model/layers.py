@@ -23,10 +23,13 @@ def param(value: Array, axes: tuple[str | None, ...]) -> nnx.Param:
 
 
 class RMSNorm(nnx.Module):
-  """RMSNorm computed in float32 (float64 for float64 inputs), scaled by (offset + w): Gemma w ~ 0, Llama w ~ 1."""
+  """RMSNorm computed in float32 (float64 for float64 inputs), scaled by (offset + w): Gemma w ~ 0, Llama w ~ 1.
+
+  w starts at 1 - offset, so a fresh norm of either kind scales by one.
+  """
 
   def __init__(self, dim: int, *, eps: float, offset: float, param_dtype):
-    self.scale = param(jnp.zeros((dim,), param_dtype), ("norm",))
+    self.scale = param(jnp.full((dim,), 1.0 - offset, param_dtype), ("norm",))
     self.eps = eps
     self.offset = offset
 
@@ -38,17 +41,23 @@ class RMSNorm(nnx.Module):
 
 
 class Dense(nnx.Module):
-  """`x @ kernel` with kernel [in, out], plus `(x @ lora_a) @ lora_b * lora_scale` once LoRA is attached."""
+  """`x @ kernel (+ bias)` with kernel [in, out], plus `(x @ lora_a) @ lora_b * lora_scale` once LoRA is attached."""
 
-  def __init__(self, in_dim: int, out_dim: int, axes: tuple[str, str], *, rngs: nnx.Rngs, param_dtype):
+  def __init__(self, in_dim: int, out_dim: int, axes: tuple[str, str], *, rngs: nnx.Rngs, param_dtype,
+               bias: bool = False):
     init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
     self.kernel = param(init(rngs.params(), (in_dim, out_dim), param_dtype), axes)
+    if bias:
+      self.bias = param(jnp.zeros((out_dim,), param_dtype), axes[1:])
+    self.use_bias = bias
     self.lora_a: LoRAParam | None = nnx.data(None)
     self.lora_b: LoRAParam | None = nnx.data(None)
     self.lora_scale = 0.0
 
   def __call__(self, x: Array) -> Array:
     y = x @ self.kernel[...].astype(x.dtype)
+    if self.use_bias:
+      y = y + self.bias[...].astype(x.dtype)
     if self.lora_a is not None:
       y = y + ((x @ self.lora_a[...].astype(x.dtype)) @ self.lora_b[...].astype(x.dtype)) * self.lora_scale
     return y
@@ -57,6 +66,30 @@ class Dense(nnx.Module):
 def rope_inverse_frequencies(head_dim: int, theta: float, scale: float) -> Array:
   """[H/2] inverse frequencies, divided by the linear scaling factor."""
   return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)) / scale
+
+
+def llama3_inverse_frequencies(head_dim: int, theta: float, factor: float, low_freq_factor: float,
+                               high_freq_factor: float, original_max_positions: int) -> Array:
+  """[H/2] inverse frequencies of Llama 3.1's scaling: long wavelengths divided by `factor`, short ones kept, the
+  band between interpolated smoothly (transformers' `_compute_llama3_parameters`)."""
+  inv_freq = rope_inverse_frequencies(head_dim, theta, 1.0)
+  low_freq_wavelen = original_max_positions / low_freq_factor
+  high_freq_wavelen = original_max_positions / high_freq_factor
+  wavelen = 2 * jnp.pi / inv_freq
+  scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+  smooth = (original_max_positions / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def global_inverse_frequencies(cfg: ModelConfig) -> Array:
+  """[H/2] inverse frequencies of the global layers: base theta, scaled per `cfg.rope_type`."""
+  if cfg.rope_type == "llama3" and cfg.rope_scale_global != 1.0:
+    return llama3_inverse_frequencies(cfg.head_dim, cfg.rope_theta_global, cfg.rope_scale_global,
+                                      cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                                      cfg.rope_original_max_positions)
+  return rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta_global, cfg.rope_scale_global)
 
 
 def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
@@ -81,13 +114,11 @@ class LayerSpec(NamedTuple):
 
 
 def layer_specs(cfg: ModelConfig) -> list[LayerSpec]:
-  """Per-layer window and RoPE frequencies from `cfg.layer_types` (local: sliding window, local base)."""
-  specs = []
-  for kind in cfg.layer_types:
-    local = kind == "local"
-    theta, scale = (cfg.rope_theta_local, 1.0) if local else (cfg.rope_theta_global, cfg.rope_scale_global)
-    specs.append(LayerSpec(cfg.sliding_window if local else None, rope_inverse_frequencies(cfg.head_dim, theta, scale)))
-  return specs
+  """Per-layer window and RoPE frequencies from `cfg.layer_types` (local: sliding window, local base, unscaled)."""
+  local_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta_local, 1.0)
+  global_freq = global_inverse_frequencies(cfg)
+  return [LayerSpec(cfg.sliding_window, local_freq) if kind == "local" else LayerSpec(None, global_freq)
+          for kind in cfg.layer_types]
 
 
 def attention_mask(q_segments: Array, kv_segments: Array, q_slots: Array, kv_slots: Array,
@@ -102,15 +133,15 @@ def attention_mask(q_segments: Array, kv_segments: Array, q_slots: Array, kv_slo
 
 
 class Attention(nnx.Module):
-  """Grouped-query attention with optional q/k norm, logit soft-capping and per-layer RoPE base."""
+  """Grouped-query attention with optional q/k/v biases, q/k norm, logit soft-capping and per-layer RoPE base."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     pd = jnp.dtype(cfg.param_dtype)
-    self.q_proj = Dense(d, n * h, ("embed", "heads"), rngs=rngs, param_dtype=pd)
-    self.k_proj = Dense(d, k * h, ("embed", "kv_heads"), rngs=rngs, param_dtype=pd)
-    self.v_proj = Dense(d, k * h, ("embed", "kv_heads"), rngs=rngs, param_dtype=pd)
-    self.o_proj = Dense(n * h, d, ("heads", "embed"), rngs=rngs, param_dtype=pd)
+    self.q_proj = Dense(d, n * h, ("embed", "heads"), rngs=rngs, param_dtype=pd, bias=cfg.qkv_bias)
+    self.k_proj = Dense(d, k * h, ("embed", "kv_heads"), rngs=rngs, param_dtype=pd, bias=cfg.qkv_bias)
+    self.v_proj = Dense(d, k * h, ("embed", "kv_heads"), rngs=rngs, param_dtype=pd, bias=cfg.qkv_bias)
+    self.o_proj = Dense(n * h, d, ("heads", "embed"), rngs=rngs, param_dtype=pd, bias=cfg.o_bias)
     if cfg.use_qk_norm:
       self.q_norm = RMSNorm(h, eps=cfg.norm_eps, offset=cfg.norm_scale_offset, param_dtype=pd)
       self.k_norm = RMSNorm(h, eps=cfg.norm_eps, offset=cfg.norm_scale_offset, param_dtype=pd)

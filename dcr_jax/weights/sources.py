@@ -24,6 +24,8 @@ class GGUFSource:
     except Exception as e:  # the gguf package raises bare ValueErrors on bad magic/version
       raise UserError(f"{self.path}: not a readable GGUF file ({e})") from None
     self.tensors = {t.name: t for t in self.reader.tensors}
+    arch = self.reader.fields.get("general.architecture")
+    self.architecture = arch.contents() if arch is not None else None
 
   def metadata(self) -> dict:
     """Scalar and string fields; token arrays included (needed for the vocabulary)."""

@@ -9,6 +9,7 @@ from dcr_jax.model.config import ModelConfig
 EMBED = "embed"  # [V D] everywhere
 LINEAR = "linear"  # HF and GGUF store [out in]; ours is [in out]
 NORM = "norm"  # vector; llama.cpp stores Gemma norms as w + 1
+BIAS = "bias"  # vector, stored as is
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,6 +18,7 @@ class Entry:
   hf: str
   gguf: str
   kind: str
+  heads: str | None = None  # q/k rows: the config field counting their heads (llama.cpp permutes these rows)
 
 
 # (our path under a block, HF name under model.layers.{i}, GGUF name under blk.{i}, kind, needs)
@@ -27,6 +29,10 @@ LAYER_ROWS = [
     ("attn.k_proj.kernel", "self_attn.k_proj.weight", "attn_k.weight", LINEAR, None),
     ("attn.v_proj.kernel", "self_attn.v_proj.weight", "attn_v.weight", LINEAR, None),
     ("attn.o_proj.kernel", "self_attn.o_proj.weight", "attn_output.weight", LINEAR, None),
+    ("attn.q_proj.bias", "self_attn.q_proj.bias", "attn_q.bias", BIAS, "qkv_bias"),
+    ("attn.k_proj.bias", "self_attn.k_proj.bias", "attn_k.bias", BIAS, "qkv_bias"),
+    ("attn.v_proj.bias", "self_attn.v_proj.bias", "attn_v.bias", BIAS, "qkv_bias"),
+    ("attn.o_proj.bias", "self_attn.o_proj.bias", "attn_output.bias", BIAS, "o_bias"),
     ("attn.q_norm.scale", "self_attn.q_norm.weight", "attn_q_norm.weight", NORM, "qk_norm"),
     ("attn.k_norm.scale", "self_attn.k_norm.weight", "attn_k_norm.weight", NORM, "qk_norm"),
     ("post_attn_norm.scale", "post_attention_layernorm.weight", "post_attention_norm.weight", NORM, "post_norms"),
@@ -37,6 +43,10 @@ LAYER_ROWS = [
     ("mlp.up_proj.kernel", "mlp.up_proj.weight", "ffn_up.weight", LINEAR, None),
     ("mlp.down_proj.kernel", "mlp.down_proj.weight", "ffn_down.weight", LINEAR, None),
 ]
+
+# our path under a block -> the config field counting the heads of its rows (q: num_heads, k: num_kv_heads)
+HEAD_ROWS = {"attn.q_proj.kernel": "num_heads", "attn.q_proj.bias": "num_heads",
+             "attn.k_proj.kernel": "num_kv_heads", "attn.k_proj.bias": "num_kv_heads"}
 
 TOP_ROWS = [
     ("embedding", "model.embed_tokens.weight", "token_embd.weight", EMBED, None),
@@ -51,6 +61,10 @@ def _features(cfg: ModelConfig) -> set[str]:
     features.add("qk_norm")
   if not cfg.tie_embeddings:
     features.add("untied")
+  if cfg.qkv_bias:
+    features.add("qkv_bias")
+  if cfg.o_bias:
+    features.add("o_bias")
   return features
 
 
@@ -63,6 +77,6 @@ def weight_table(cfg: ModelConfig) -> list[Entry]:
   features = _features(cfg)
   entries = [Entry(_path(p), hf, gg, kind) for p, hf, gg, kind, needs in TOP_ROWS if needs in (None, *features)]
   for i in range(cfg.num_layers):
-    entries += [Entry(("layers", i, *_path(p)), f"model.layers.{i}.{hf}", f"blk.{i}.{gg}", kind)
+    entries += [Entry(("layers", i, *_path(p)), f"model.layers.{i}.{hf}", f"blk.{i}.{gg}", kind, HEAD_ROWS.get(p))
                 for p, hf, gg, kind, needs in LAYER_ROWS if needs in (None, *features)]
   return entries

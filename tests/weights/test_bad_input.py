@@ -32,8 +32,8 @@ def test_unknown_variant():
 def test_gguf_of_another_architecture(tmp_path):
   import gguf
 
-  path = tmp_path / "llama.gguf"
-  writer = gguf.GGUFWriter(str(path), "llama")
+  path = tmp_path / "falcon.gguf"
+  writer = gguf.GGUFWriter(str(path), "falcon")
   writer.add_block_count(1)
   writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
   writer.write_header_to_file()
@@ -42,7 +42,9 @@ def test_gguf_of_another_architecture(tmp_path):
   writer.close()
   with pytest.raises(UserError) as e:
     resolve_source(str(path))
-  assert "llama.gguf" in one_line(e) and "'llama'" in one_line(e)
+  message = one_line(e)
+  assert "falcon.gguf" in message and "'falcon'" in message
+  assert all(arch in message for arch in ("gemma3", "llama", "qwen2", "qwen3"))
 
 
 def test_not_a_gguf(tmp_path):
