@@ -21,9 +21,10 @@ only ``acc`` for MMLU and TruthfulQA-MC1; ``acc_norm`` is computed the same way 
 choices it equals ``acc``).
 
 Each question's context runs once into a KV cache; every choice continues it (``refusal_prob.prefill`` /
-``continue_from``), the first token of all choices is scored from one vocabulary-head row, and logits exist only in
-[B 8 V] chunks (``refusal_prob.head_log_probs``). Contexts, continuation widths and choice counts are bucketed, so a
-task compiles a few shapes.
+``continue_from``). The first token of all choices is scored from one vocabulary-head row per question; the later
+tokens of all choices are packed so that the head runs on real tokens only, and logits exist only in [B 8 V] chunks
+(``refusal_prob.head_log_probs``). Context length, continuation width, choice count and packed token count are
+bucketed, so a task compiles a few shapes.
 """
 
 from __future__ import annotations
@@ -214,29 +215,29 @@ def _length_bucket(n: int, smallest: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _choice_log_probs(graphdef, state, tokens, mask, first, runs, runs_mask, rest, rest_mask):
+def _choice_log_probs(graphdef, state, tokens, mask, first, runs, runs_mask, pick, targets, owner):
   """Summed log p of every choice [B C] after its question's context.
 
   tokens/mask [B T]: left-padded contexts, run once into a KV cache. first [B C]: each choice's first token, all
-  scored from the context's last state (one head row). runs/runs_mask [C B K]: each choice's tokens but its last,
-  right-padded, continuing the cache (one `lax.map` step per choice; K = 0 when every choice is one token).
-  rest/rest_mask [C B K]: the tokens those positions predict (the choice's tokens after its first).
+  scored from the context's last state (one head row per question). runs/runs_mask [C B K]: each choice's tokens
+  but its last, right-padded, continuing the cache (one `lax.map` step per choice; K = 0 when every choice is one
+  token). The later tokens are packed: pick [P] indexes the run states flattened to [C*B*K], targets [P] are the
+  tokens they predict and owner [P] the choice b*C + c they add to (B*C for padding), so the vocabulary head runs
+  only on real tokens, 64 rows at a time (P is a multiple of 64).
   """
   model = nnx.merge(graphdef, state)
-  b, k = tokens.shape[0], runs.shape[-1]
-  last, cache = prefill(model, tokens, mask, k)  # [B 1 D]
-  states = jnp.pad(last, ((0, 0), (0, _HEAD_CHUNK - 1), (0, 0)))  # [B 8 D]: rows after the first are unused
-  targets = jnp.pad(first[:, None], ((0, 0), (0, _HEAD_CHUNK - 1), (0, 0)))  # [B 8 C]
-  total = head_log_probs(model, states, targets)[:, 0]  # [B C]
-  if k == 0:
+  b, c = first.shape
+  pad = -b % _HEAD_CHUNK
+  last, cache = prefill(model, tokens, mask, runs.shape[-1])  # [B 1 D]
+  total = head_log_probs(model, jnp.pad(last[:, 0], ((0, pad), (0, 0)))[None],
+                         jnp.pad(first, ((0, pad), (0, 0)))[None])[0, :b]  # [B C]
+  if runs.shape[-1] == 0:
     return total
-
-  def one_choice(choice):
-    ids, valid, targets, target_valid = choice  # [B K] each
-    log_p = head_log_probs(model, continue_from(model, ids, valid, cache), targets[..., None])[..., 0]  # [B K]
-    return jnp.sum(jnp.where(target_valid, log_p, 0.0), axis=-1)  # [B]
-
-  return total + jax.lax.map(one_choice, (runs, runs_mask, rest, rest_mask)).T  # [B C]
+  hidden = jax.lax.map(lambda run: continue_from(model, run[0], run[1], cache), (runs, runs_mask))  # [C B K D]
+  states = jnp.take(hidden.reshape(-1, hidden.shape[-1]), pick, axis=0)  # [P D]
+  log_p = head_log_probs(model, states.reshape(_HEAD_CHUNK, -1, states.shape[-1]),
+                         targets.reshape(_HEAD_CHUNK, -1, 1)).reshape(-1)  # [P]
+  return total + jax.ops.segment_sum(log_p, owner, num_segments=b * c + 1)[:-1].reshape(b, c)
 
 
 def choice_log_likelihoods(model, contexts: Sequence[Sequence[int]], choices: Sequence[Sequence[Sequence[int]]], *,
@@ -245,25 +246,29 @@ def choice_log_likelihoods(model, contexts: Sequence[Sequence[int]], choices: Se
 
   contexts[b] are ids (at least one); choices[b][c] are continuation ids (an empty one scores 0, as in the
   harness). Entries past a question's own choice count are NaN. The batch is padded to bucketed shapes (context
-  length, continuation width, choice count).
+  length, continuation width, choice count, packed token count).
   """
   b = len(contexts)
   if any(not c for c in contexts):
     raise UserError("every context needs at least one token")
-  count = bucket_length(max(len(cs) for cs in choices), 4)
+  most = max(len(cs) for cs in choices)
+  count = most if most <= 4 else bucket_length(most, 4)
   width = max(max(len(c) - 1, 0) for cs in choices for c in cs)
   width = _length_bucket(width, _HEAD_CHUNK) if width else 0
   tokens, mask = left_pad(contexts, _length_bucket(max(len(c) for c in contexts), 32), pad_id)
   first = np.zeros((b, count), np.int32)
   runs, runs_mask = np.zeros((count, b, width), np.int32), np.zeros((count, b, width), np.int32)
-  rest, rest_mask = np.zeros((count, b, width), np.int32), np.zeros((count, b, width), bool)
+  packed = []  # (flat run-state index, target token, owning choice)
   for i, cs in enumerate(choices):
     for j, c in enumerate(cs):
       first[i, j] = c[0] if c else 0
       runs[j, i, :len(c) - 1], runs_mask[j, i, :len(c) - 1] = c[:-1], 1
-      rest[j, i, :len(c) - 1], rest_mask[j, i, :len(c) - 1] = c[1:], True
+      packed += [((j * b + i) * width + k, c[k + 1], i * count + j) for k in range(len(c) - 1)]
+  size = _length_bucket(len(packed), _HEAD_CHUNK * _HEAD_CHUNK) if packed else 0
+  pick, targets, owner = (np.array([p[f] for p in packed] + [fill] * (size - len(packed)), np.int32)
+                          for f, fill in ((0, 0), (1, 0), (2, b * count)))
   graphdef, state = nnx.split(model)
-  out = np.array(_choice_log_probs(graphdef, state, tokens, mask, first, runs, runs_mask, rest, rest_mask))
+  out = np.array(_choice_log_probs(graphdef, state, tokens, mask, first, runs, runs_mask, pick, targets, owner))
   for i, cs in enumerate(choices):
     out[i, [j for j, c in enumerate(cs) if not c]] = 0.0
     out[i, len(cs):] = np.nan
