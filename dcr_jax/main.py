@@ -13,9 +13,9 @@ from etils import epath
 from flax import nnx
 from ml_collections import config_flags
 
-from dcr_jax import config as config_lib
+from dcr_jax import spec as spec_lib
 from dcr_jax import parallel, pipeline
-from dcr_jax.config import Spec, Stage
+from dcr_jax.spec import Spec, Stage
 from dcr_jax.errors import UserError
 from dcr_jax.evaluate import stage as evaluate
 from dcr_jax.model import Decoder
@@ -71,10 +71,10 @@ STAGES = {
 def run(config, workdir: epath.Path) -> dict:
   """Runs config.stages in order and returns the report. Everything that can fail on bad input is checked before
   the workdir is touched."""
-  spec = config_lib.resolve(config)
+  spec = spec_lib.resolve(config)
   parallel.initialize(spec.distributed)
   mesh = parallel.make_mesh(spec.mesh.data, spec.mesh.fsdp, spec.mesh.tensor)
-  config_lib.check_batches(spec, mesh)
+  spec_lib.check_batches(spec, mesh)
   model, tokenizer = pipeline.build_model(spec, mesh)
   spec = spec.bind(model.config)
   prepared = {stage: STAGES[stage].prepare(spec, tokenizer) for stage in spec.stages}

@@ -12,7 +12,7 @@ from etils import epath
 from flax import nnx
 
 from dcr_jax import checkpoints, parallel
-from dcr_jax.config import TRAINING_STAGES, Spec
+from dcr_jax.spec import TRAINING_STAGES, Spec
 from dcr_jax.errors import UserError
 from dcr_jax.model import Decoder, stack_layers
 from dcr_jax.train import align, refine

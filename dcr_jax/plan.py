@@ -32,9 +32,9 @@ from absl import app, flags, logging  # noqa: E402
 from flax import nnx  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dcr_jax import config as config_lib  # noqa: E402
+from dcr_jax import spec as spec_lib  # noqa: E402
 from dcr_jax import parallel  # noqa: E402
-from dcr_jax.config import TRAINING_STAGES, Spec  # noqa: E402
+from dcr_jax.spec import TRAINING_STAGES, Spec  # noqa: E402
 from dcr_jax.errors import UserError  # noqa: E402
 from dcr_jax.model import Decoder  # noqa: E402
 from dcr_jax.pipeline import STAGE_PROGRAMS as PROGRAMS  # noqa: E402
@@ -117,14 +117,14 @@ def _scanned_flops(name: str, spec: Spec, mesh, depth: int) -> float:
 
 def plan(config, devices: int) -> dict:
   """The plan for config.stages' training stages (both when it has none) on `devices` devices of this process."""
-  spec = config_lib.resolve(config)
+  spec = spec_lib.resolve(config)
   if not spec.training_stages:
     spec = dataclasses.replace(spec, stages=TRAINING_STAGES)
   if jax.device_count() < devices:
     raise UserError(f"--devices={devices} but JAX sees {jax.device_count()}; run python -m dcr_jax.plan directly "
                     "(it fakes the devices on CPU) or set XLA_FLAGS=--xla_force_host_platform_device_count")
   mesh = parallel.make_mesh(spec.mesh.data, spec.mesh.fsdp, spec.mesh.tensor, devices=jax.devices()[:devices])
-  config_lib.check_batches(spec, mesh)
+  spec_lib.check_batches(spec, mesh)
   arch = spec.model.architecture
   out = {"model": spec.model.name, "devices": devices, "mesh": dict(mesh.shape), "remat": arch.remat,
          "scan_layers": arch.scan_layers, "stages": {}}

@@ -22,6 +22,8 @@ def run_main(*args, cwd=ROOT, env=None):
     (["--config=configs/tiny.py", "--config.stages=refine,bogus"], "config.stages"),
     (["--config=configs/tiny.py", "--config.mesh.data=0"], "config.mesh.data"),
     (["--config=configs/tiny.py", "--config.refine.layer=99"], "config.refine.layer"),
+    (["--config=configs/tiny.py", "--config.refine.layer=abc"], "config.refine.layer='abc'"),
+    (["--config=configs/tiny.py", "--config.refine.class_ratio=1,x"], "config.refine.class_ratio='1,x'"),
     (["--config=configs/tiny.py", "--config.refine.loss=hinge"], "config.refine.loss"),
     (["--config=configs/tiny.py", "--config.data.seemingly_toxic="], "config.data.seemingly_toxic"),
     (["--config=configs/tiny.py", "--config.data.toxic=/nowhere/toxic.csv"], "/nowhere/toxic.csv"),

@@ -80,3 +80,32 @@ def test_remat_keeps_loss_and_gradients(policy):
   assert float(loss) == float(base_loss)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(base_grads)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)  # recompute reorders f32 sums
+
+
+def test_plan_counts_the_lm_retention_term():
+  """The planner compiles the program training runs: stage 1's LM-retention batch adds FLOPs and memory."""
+  from dcr_jax.config import base_config
+  from dcr_jax.plan import plan
+
+  def planned(lm_weight):
+    config = base_config()
+    config.model.name, config.model.random_init, config.stages = "tiny-gemma3", True, "refine"
+    config.refine.lm_weight = lm_weight
+    return plan(config, devices=1)["stages"]["refine"]
+
+  without, with_lm = planned(0.0), planned(0.5)
+  assert with_lm["flops_per_step"] > 1.5 * without["flops_per_step"]
+  assert with_lm["argument_bytes"] > without["argument_bytes"]  # the LM batch rides in
+  assert with_lm["temp_bytes"] > without["temp_bytes"]  # and its full-depth activations and logits
+
+
+def test_plan_reads_spaced_lora_targets():
+  from dcr_jax.config import base_config
+  from dcr_jax.plan import plan
+
+  config = base_config()
+  config.model.name, config.model.random_init, config.stages = "tiny-gemma3", True, "align"
+  config.align.lora_targets = "q, v"
+  spaced = plan(config, devices=1)["stages"]["align"]
+  config.align.lora_targets = "q,v"
+  assert spaced == {**plan(config, devices=1)["stages"]["align"], "compile_seconds": spaced["compile_seconds"]}

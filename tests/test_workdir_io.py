@@ -183,10 +183,7 @@ def test_checkpoints_on_gs_are_not_resolved(gcs, monkeypatch):
 def test_demo_run_on_gs_workdir(gcs):
   from dcr_jax import main
 
-  spec = importlib.util.spec_from_file_location("tiny_config", ROOT / "configs" / "tiny.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = _tiny_config()
   config.stages = "demo"
   config.demo.max_new_tokens = 2
   result = main.run(config, epath.Path(RUN))
@@ -218,3 +215,25 @@ def test_atomic_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path):
     os.umask(old)
   assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o644
   assert (tmp_path / "rows.jsonl").stat().st_mode & 0o777 == 0o644
+
+
+def test_kernels_on_a_gs_workdir_keep_the_uri_and_write_every_output(gcs):
+  """`python -m dcr_jax.kernels --workdir=gs://…`: read and written through epath (pathlib made it `gs:/…`)."""
+  from dcr_jax.kernels.track import track
+
+  config = _tiny_config()
+  config.kernels.n_per_group, config.kernels.top_k, config.kernels.chunk_size = 2, 2, 2
+  (epath.Path(RUN) / "config.json").write_text(config.to_json_best_effort())
+  result = track(config, RUN, "all", [])
+  assert [e["label"] for e in result["entries"]] == ["base"]  # no checkpoint in this run yet
+  assert json.loads(text(gcs, f"{RUN}/kernels/similarity.json")) == result
+  for name in ("heatmap-base.png", "tracking.png"):
+    assert gcs[f"{RUN}/kernels/{name}"].getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert json.loads(text(gcs, f"{RUN}/report.json"))["kernels"]["entries"] == 1
+
+
+def _tiny_config():
+  spec = importlib.util.spec_from_file_location("tiny_config", ROOT / "configs" / "tiny.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()

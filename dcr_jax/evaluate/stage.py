@@ -27,7 +27,7 @@ from dcr_jax.weights.tokenizer import encode_chat, stop_token_ids
 from dcr_jax.workdir_io import append_text, as_path, ensure_dir, is_remote, write_json, update_report
 
 if TYPE_CHECKING:  # the spec is read, never built, here
-  from dcr_jax.config import Spec
+  from dcr_jax.spec import Spec
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,22 +8,23 @@ under the paper's ratio and the symmetric cosine, and the mean refusal probabili
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
-from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 from etils import epath
 
-from dcr_jax import checkpoints
+from dcr_jax import checkpoints, parallel, pipeline
+from dcr_jax import spec as spec_lib
 from dcr_jax.data.batching import load_spec_list
 from dcr_jax.errors import UserError
 from dcr_jax.evaluate.refusal_prob import refusal_probability
-from dcr_jax.kernels import ntk, similarity
+from dcr_jax.kernels import ntk, plots, similarity
+from dcr_jax.model import unstack_layers
+from dcr_jax.spec import Spec
 from dcr_jax.weights.tokenizer import encode_chat
-
-if TYPE_CHECKING:  # the spec is read, never built, here
-  from dcr_jax.config import Spec
+from dcr_jax.workdir_io import as_path, ensure_dir, update_report, write_json
 
 GROUPS = ("seemingly_toxic", "toxic", "general")
 
@@ -106,3 +107,44 @@ def selected_checkpoints(workdir: epath.PathLike, which: str) -> list[tuple[str,
                       f"kept: {sorted({s for _, s in found})}")
     found = [(stage, step) for stage, step in found if step in wanted]
   return found
+
+
+def track(config, workdir: epath.PathLike, which: str, compare: list[epath.PathLike]) -> dict:
+  """Measures every selected checkpoint not yet in DIR/kernels/similarity.json; returns the file's content."""
+  workdir, compare = as_path(workdir), [as_path(o) for o in compare]
+  spec = spec_lib.resolve(config)
+  if not (workdir / "config.json").is_file():
+    raise UserError(f"{workdir}: no config.json; point --workdir at a dcr_jax.main run")
+  for other in compare:
+    if not (other / "kernels" / "similarity.json").is_file():
+      raise UserError(f"--compare: {other}/kernels/similarity.json not found; run python -m dcr_jax.kernels there")
+  parallel.initialize(spec.distributed)
+  selected = selected_checkpoints(workdir, which)
+  base, tokenizer = pipeline.build_model(spec, parallel.make_mesh(spec.mesh.data, spec.mesh.fsdp, spec.mesh.tensor))
+  spec = spec.bind(base.config)
+  out_dir = workdir / "kernels"
+  ensure_dir(out_dir)
+  path = out_dir / "similarity.json"
+  result = json.loads(path.read_text()) if path.is_file() else {"entries": []}
+  done = {e["label"] for e in result["entries"]}
+  probe = build_probe(base, tokenizer, spec)
+  result.update(prompts=len(probe.prompts), token_set=probe.ids.tolist(), params=spec.kernels.params,
+                method=spec.kernels.method)
+  for stage, step in [("base", 0)] + selected:
+    label = "base" if stage == "base" else f"{stage}-{step}"
+    if label in done:
+      continue
+    model = base if stage == "base" else pipeline.restore_stage(spec, base, workdir, stage, step)
+    entry = {"label": label, "stage": stage, "step": step,
+             **measure(unstack_layers(model), tokenizer, probe, spec)}  # layer subsets need one Block per layer
+    result["entries"].append(entry)
+    write_json(path, result)
+    plots.heatmap(entry, out_dir / f"heatmap-{label}.png")
+  runs = {workdir.name: result["entries"]}
+  runs.update({o.name: json.loads((o / "kernels" / "similarity.json").read_text())["entries"] for o in compare})
+  plots.curves(runs, out_dir / "tracking.png")
+  first, last = result["entries"][0], result["entries"][-1]
+  update_report(workdir, "kernels", None, {
+      "entries": len(result["entries"]), "groups": first["groups"], "base_ratio": first["ratio"],
+      "final_ratio": last["ratio"], "final_label": last["label"], "file": "kernels/similarity.json"})
+  return result

@@ -18,8 +18,8 @@ from dcr_jax.train.loop import StageProgram, TrainContext, train_stage
 from dcr_jax.train.state import make_optimizer, trainable_filter
 from dcr_jax.train.steps import make_align_step
 
-if TYPE_CHECKING:  # the spec is read, never built, here: training does not import the config's checks
-  from dcr_jax.config import Spec
+if TYPE_CHECKING:  # the spec is read, never built, here: training does not import the spec's checks
+  from dcr_jax.spec import Spec
 
 BATCH_KEYS = {"tokens": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32, "segments": jnp.int32,
               "positions": jnp.int32}

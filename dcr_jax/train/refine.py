@@ -1,25 +1,27 @@
-"""Stage 1, contrastive refinement: pull toxic and seemingly toxic prompts apart at layer ℓ."""
+"""Stage 1, contrastive refinement: pull toxic and seemingly toxic prompts apart at layer ℓ; and the layer-ℓ probe
+(pooled representations, a linear probe's held-out accuracy, class similarities) that shows the effect."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from dcr_jax.data.batching import BalancedSampler, PromptSet, SFTMixture, load_spec_list, tokenize_pairs, \
     tokenize_prompts
 from dcr_jax.errors import UserError
 from dcr_jax.model import Decoder, ModelConfig
-from dcr_jax.train import probe
 from dcr_jax.train.loop import StageProgram, TrainContext, train_stage
 from dcr_jax.train.state import make_optimizer, trainable_filter
-from dcr_jax.train.steps import make_refine_step
+from dcr_jax.train.steps import make_refine_step, pool
 
-if TYPE_CHECKING:  # the spec is read, never built, here: training does not import the config's checks
-  from dcr_jax.config import Spec
+if TYPE_CHECKING:  # the spec is read, never built, here: training does not import the spec's checks
+  from dcr_jax.spec import Spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,9 +105,51 @@ def run(spec: Spec, stage: StageProgram, data: RefineData, model: Decoder, ctx: 
 
 
 def _probe(model, data: RefineData, layer: int, pooling: str) -> dict:
-  x_train = probe.embed_prompts(model, data.train, layer=layer, pooling=pooling)
-  x_hold = probe.embed_prompts(model, data.holdout, layer=layer, pooling=pooling)
-  out = probe.mean_similarities(x_hold, data.holdout.labels)
+  x_train = embed_prompts(model, data.train, layer=layer, pooling=pooling)
+  x_hold = embed_prompts(model, data.holdout, layer=layer, pooling=pooling)
+  out = mean_similarities(x_hold, data.holdout.labels)
   if len(data.holdout) and len(set(data.holdout.labels.tolist())) > 1:
-    out["heldout_accuracy"] = probe.probe_accuracy(x_train, data.train.labels, x_hold, data.holdout.labels)
+    out["heldout_accuracy"] = probe_accuracy(x_train, data.train.labels, x_hold, data.holdout.labels)
   return out
+
+
+# ------------------------------------------------------------------------------------------------ the layer-ℓ probe
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "layer", "pooling"))
+def _pooled(graphdef, state, tokens, mask, *, layer: int, pooling: str):
+  model = nnx.merge(graphdef, state)
+  return pool(model(tokens, mask=mask, stop_at_layer=layer).hidden[layer], mask, pooling)
+
+
+def embed_prompts(model, prompts: PromptSet, *, layer: int, pooling: str, batch_size: int = 16) -> np.ndarray:
+  """[N D] L2-normalised pooled residual stream at `layer` for every prompt (computes nothing above it)."""
+  graphdef, state = nnx.split(model)
+  out = []
+  for start in range(0, len(prompts), batch_size):
+    index = np.arange(start, min(start + batch_size, len(prompts)))
+    index = np.pad(index, (0, batch_size - len(index)), mode="edge")  # one compiled shape
+    batch = prompts.take(index)
+    out.append(np.asarray(_pooled(graphdef, state, batch["tokens"], batch["mask"], layer=layer, pooling=pooling)))
+  return np.concatenate(out)[:len(prompts)]
+
+
+def probe_accuracy(train_x, train_y, test_x, test_y, ridge: float = 1e-2) -> float:
+  """Held-out accuracy of a ridge-regression linear classifier (closed form) separating class 0 from the rest."""
+  def design(x):
+    return np.concatenate([x, np.ones((len(x), 1))], axis=1)
+
+  x = design(np.asarray(train_x, np.float64))
+  y = np.where(np.asarray(train_y) == 0, 1.0, -1.0)
+  w = np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ y)
+  predicted = design(np.asarray(test_x, np.float64)) @ w > 0
+  return float(np.mean(predicted == (np.asarray(test_y) == 0)))
+
+
+def mean_similarities(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+  """Mean cosine similarity within classes and across classes 0 and 1 (rows already normalised)."""
+  s = x @ x.T
+  same = (y[:, None] == y[None, :]) & ~np.eye(len(y), dtype=bool)
+  cross = (y[:, None] == 0) & (y[None, :] == 1)
+  return {"within": float(s[same].mean()) if same.any() else 0.0,
+          "across": float(s[cross].mean()) if cross.any() else 0.0}

@@ -1,0 +1,355 @@
+"""The config resolved once into a typed, frozen `Spec`: tuples, enums, parsed data sources. Every check of the config
+lives here and fails with one line naming the key and the fix; every entry point reads the spec."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Callable, Sequence
+
+import ml_collections
+
+from dcr_jax.data.batching import parse_selectors
+from dcr_jax.errors import UserError
+from dcr_jax.evaluate.refusal import make_judge
+from dcr_jax.evaluate.suites import get_suite
+from dcr_jax.kernels.ntk import KINDS as KERNEL_PARAMS, METHODS as KERNEL_METHODS
+from dcr_jax.model import ModelConfig, get_variant, tiny
+from dcr_jax.model.lora import TARGETS as LORA_TARGETS
+
+class Stage(enum.StrEnum):
+  DEMO = "demo"
+  REFINE = "refine"
+  ALIGN = "align"
+  EVALUATE = "evaluate"
+
+
+TRAINING_STAGES = (Stage.REFINE, Stage.ALIGN)
+
+
+class Loss(enum.StrEnum):
+  CIRCLE = "circle"
+  SUPCON = "supcon"
+  INFONCE = "infonce"
+  TRIPLET = "triplet"
+
+
+LOSS_KWARGS = {Loss.CIRCLE: ("margin", "gamma"), Loss.TRIPLET: ("margin",), Loss.SUPCON: ("temperature",),
+               Loss.INFONCE: ("temperature",)}
+
+
+class Pooling(enum.StrEnum):
+  LAST = "last"
+  MEAN = "mean"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  name: str
+  weights: str
+  tokenizer: str
+  dtype: str
+  random_init: bool
+  remat: str
+  scan_layers: bool
+  architecture: ModelConfig  # of the named variant (or tiny family); loaded weights may refine it (`Spec.bind`)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+  data: int
+  fsdp: int
+  tensor: int
+  constrain_activations: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """Each source list is a tuple of `SPEC[#LABEL][@START:STOP[:STEP]]` entries, checked at resolution."""
+
+  toxic: tuple[str, ...]
+  seemingly_toxic: tuple[str, ...]
+  benign_class: tuple[str, ...]
+  general: tuple[str, ...]
+  harmful: tuple[str, ...]
+  refusals: tuple[str, ...]
+  helpful_seemingly: tuple[str, ...]
+  val_toxic: tuple[str, ...]
+  val_seemingly_toxic: tuple[str, ...]
+  n_toxic: int | None  # None = all
+  n_seemingly_toxic: int | None
+  n_general: int | None
+  n_harmful: int | None
+  n_val: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSpec:
+  steps: int
+  batch_size: int
+  max_len: int
+  lr: float
+  warmup: int
+  weight_decay: float
+  clip: float
+  log_every: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RefineSpec(OptimSpec):
+  layer: str | int | tuple  # as configured: "middle", 9 or "6,9"
+  layers: tuple[int, ...]  # ℓ resolved (blocks from the embedding): sorted, within 1..num_layers
+  pooling: Pooling
+  loss: Loss
+  loss_kwargs: dict
+  class_ratio: tuple[float, ...]  # toxic, seemingly_toxic[, benign]
+  lm_weight: float
+  lm_batch_size: int
+  holdout: float
+  probe: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignSpec(OptimSpec):
+  grad_accum: int
+  pack: bool
+  lora_rank: int  # 0 = full fine-tuning
+  lora_alpha: float
+  lora_targets: tuple[str, ...]
+  general_weight: float
+  safety_weight: float
+  aug_weight: float
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateSpec:
+  suites: tuple[tuple[str, int | None], ...]  # (suite name, prompts; None = all)
+  data_root: str | None
+  max_new_tokens: int
+  batch_size: int
+  bucket: int
+  temperature: float
+  top_p: float
+  judge: str
+  refusal_prob: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelsSpec:
+  n_per_group: int
+  top_k: int
+  params: str
+  layer: int
+  last_n: int
+  method: str
+  chunk_size: int
+  out_chunk: int | None  # None = all of S at once
+  max_len: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSpec:
+  coordinator_address: str  # host:port of process 0; "" on one host or a TPU pod (auto-detected)
+  num_processes: int
+  process_id: int
+  heartbeat_timeout: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """The config resolved once: typed, frozen, checked. Built by `resolve`; every entry point reads this."""
+
+  stages: tuple[Stage, ...]
+  seed: int
+  model: ModelSpec
+  mesh: MeshSpec
+  data: DataSpec
+  refine: RefineSpec
+  align: AlignSpec
+  checkpoint_every: int
+  checkpoint_keep: int
+  evaluate: EvaluateSpec
+  kernels: KernelsSpec
+  distributed: DistributedSpec
+  demo_prompts: tuple[str, ...]
+  demo_max_new_tokens: int
+
+  @property
+  def training_stages(self) -> tuple[Stage, ...]:
+    return tuple(s for s in self.stages if s in TRAINING_STAGES)
+
+  def bind(self, architecture: ModelConfig) -> "Spec":
+    """The spec for the model actually loaded: its architecture, and ℓ resolved against its depth."""
+    refine = dataclasses.replace(self.refine, layers=_layers(self.refine.layer, architecture.num_layers))
+    return dataclasses.replace(self, model=dataclasses.replace(self.model, architecture=architecture), refine=refine)
+
+
+def _fail(key: str, value, fix: str):
+  raise UserError(f"config.{key}={value!r} {fix}")
+
+
+def _items(value, key: str) -> tuple[str, ...]:
+  """A comma string (the command line's form) or a sequence -> stripped, non-empty entries."""
+  if isinstance(value, str):
+    parts = value.split(",")
+  elif isinstance(value, Sequence):
+    parts = [str(v) for v in value]
+  else:
+    _fail(key, value, "is not a list; write comma-separated values")
+  return tuple(p.strip() for p in parts if p.strip())
+
+
+def _sources(value, key: str) -> tuple[str, ...]:
+  entries = _items(value, key)
+  for entry in entries:
+    parse_selectors(entry)  # a bad @START:STOP fails here, before anything is loaded
+  return entries
+
+
+def _numbers(value, key: str, kind: Callable = float) -> tuple:
+  try:
+    return tuple(kind(x) for x in _items(value, key))
+  except ValueError:
+    _fail(key, value, f"is not a list of numbers; write e.g. {'1,1' if kind is float else '6,9'}")
+
+
+def _choice(enum_type, value, key: str):
+  try:
+    return enum_type(value)
+  except ValueError:
+    _fail(key, value, f"is unknown; choose from {', '.join(m.value for m in enum_type)}")
+
+
+def _count(value) -> int | None:
+  return int(value) or None
+
+
+def _layers(request, num_layers: int) -> tuple[int, ...]:
+  """"middle" | 9 | "6,9" -> sorted layer indices in 1..num_layers (ℓ = after ℓ blocks)."""
+  text = ",".join(str(x) for x in request) if isinstance(request, (list, tuple)) else str(request).strip()
+  if text in ("middle", "", "-1"):
+    return (num_layers // 2,)
+  layers = _numbers(text, "refine.layer", int)
+  if not layers or any(not 1 <= l <= num_layers for l in layers):
+    _fail("refine.layer", request, f"is out of range; use 1..{num_layers} or 'middle'")
+  return tuple(sorted(set(layers)))
+
+
+def architecture(model: ml_collections.ConfigDict) -> ModelConfig:
+  """The architecture config.model names (`tiny-<family>` for random-init tiny models), with its run settings."""
+  common = dict(dtype=model.dtype, param_dtype=model.dtype, remat=model.remat, scan_layers=model.scan_layers)
+  if model.name.startswith("tiny-"):
+    return tiny(model.name[len("tiny-"):], **common)
+  return get_variant(model.name).replace(**common)
+
+
+def _optim(section: ml_collections.ConfigDict, key: str) -> dict:
+  for name in ("steps", "batch_size", "max_len", "log_every"):
+    if section[name] < (0 if name == "steps" else 1):
+      _fail(f"{key}.{name}", section[name], "must be positive")
+  return {name: section[name] for name in ("steps", "batch_size", "max_len", "lr", "warmup", "weight_decay", "clip",
+                                           "log_every")}
+
+
+def _refine(c: ml_collections.ConfigDict, num_layers: int) -> RefineSpec:
+  rc = c.refine
+  loss = _choice(Loss, rc.loss, "refine.loss")
+  ratio = _numbers(rc.class_ratio, "refine.class_ratio")
+  classes = 3 if _items(c.data.benign_class, "data.benign_class") else 2
+  if len(ratio) != classes or any(r <= 0 for r in ratio):
+    _fail("refine.class_ratio", rc.class_ratio, f"needs {classes} positive weights (toxic, seemingly_toxic"
+          f"{', benign' if classes == 3 else ''})")
+  return RefineSpec(**_optim(rc, "refine"), layer=rc.layer, layers=_layers(rc.layer, num_layers),
+                    pooling=_choice(Pooling, rc.pooling, "refine.pooling"), loss=loss,
+                    loss_kwargs={k: rc[k] for k in LOSS_KWARGS[loss]}, class_ratio=ratio, lm_weight=rc.lm_weight,
+                    lm_batch_size=rc.lm_batch_size, holdout=rc.holdout, probe=rc.probe)
+
+
+def _align(c: ml_collections.ConfigDict) -> AlignSpec:
+  ac = c.align
+  if ac.grad_accum < 1 or ac.batch_size % ac.grad_accum:
+    _fail("align.grad_accum", ac.grad_accum, f"must divide align.batch_size={ac.batch_size}")
+  targets = _items(ac.lora_targets, "align.lora_targets")
+  unknown = [t for t in targets if t not in LORA_TARGETS]
+  if ac.lora_rank > 0 and (unknown or not targets):
+    _fail("align.lora_targets", ac.lora_targets, f"names unknown {unknown}; choose among {', '.join(LORA_TARGETS)}")
+  return AlignSpec(**_optim(ac, "align"), grad_accum=ac.grad_accum, pack=ac.pack, lora_rank=ac.lora_rank,
+                   lora_alpha=ac.lora_alpha, lora_targets=targets, general_weight=ac.general_weight,
+                   safety_weight=ac.safety_weight, aug_weight=ac.aug_weight)
+
+
+def _suites(value, default_n: int, required: bool) -> tuple[tuple[str, int | None], ...]:
+  """`NAME` or `NAME:N` entries -> (name, prompts), N defaulting to evaluate.n; 0 = all (None)."""
+  suites = {}
+  for entry in _items(value, "evaluate.suites"):
+    name, _, count = entry.partition(":")
+    if count and not count.isdigit():
+      _fail("evaluate.suites", entry, "is not NAME or NAME:N; write N as a number of prompts")
+    get_suite(name)  # an unknown name lists the known ones
+    suites[name] = _count(int(count) if count else default_n)
+  if required and not suites:
+    _fail("evaluate.suites", value, "is empty; name at least one suite (see README)")
+  return tuple(suites.items())
+
+
+def _evaluate(c: ml_collections.ConfigDict) -> EvaluateSpec:
+  ec = c.evaluate
+  make_judge(ec.judge)  # the judge spec is checked here; the judge itself is made by the stage
+  required = Stage.EVALUATE in _items(c.stages, "stages")
+  return EvaluateSpec(suites=_suites(ec.suites, ec.n, required),
+                      data_root=ec.data_root or None, max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size,
+                      bucket=ec.bucket, temperature=ec.temperature, top_p=ec.top_p, judge=ec.judge,
+                      refusal_prob=ec.refusal_prob)
+
+
+def _kernels(c: ml_collections.ConfigDict) -> KernelsSpec:
+  kc = c.kernels
+  if kc.params not in KERNEL_PARAMS:
+    _fail("kernels.params", kc.params, f"is unknown; choose from {', '.join(KERNEL_PARAMS)}")
+  if kc.method not in KERNEL_METHODS:
+    _fail("kernels.method", kc.method, f"is unknown; choose from {', '.join(KERNEL_METHODS)}")
+  return KernelsSpec(n_per_group=kc.n_per_group, top_k=kc.top_k, params=kc.params, layer=kc.layer,
+                     last_n=kc.last_n, method=kc.method, chunk_size=kc.chunk_size, out_chunk=kc.out_chunk or None,
+                     max_len=kc.max_len)
+
+
+def _data(c: ml_collections.ConfigDict) -> DataSpec:
+  d = c.data
+  lists = {k: _sources(d[k], f"data.{k}") for k in ("toxic", "seemingly_toxic", "benign_class", "general", "harmful",
+                                                     "refusals", "helpful_seemingly", "val_toxic",
+                                                     "val_seemingly_toxic")}
+  return DataSpec(**lists, **{k: _count(d[k]) for k in ("n_toxic", "n_seemingly_toxic", "n_general", "n_harmful",
+                                                         "n_val")})
+
+
+def resolve(config: ml_collections.ConfigDict) -> Spec:
+  """The typed, frozen spec of `config`; raises UserError naming the first bad key and its fix."""
+  stages = tuple(_choice(Stage, s, "stages") for s in _items(config.stages, "stages"))
+  if not stages:
+    _fail("stages", config.stages, "is empty; set e.g. --config.stages=refine,align,evaluate")
+  for key in ("data", "fsdp", "tensor"):
+    if config.mesh[key] == 0 or config.mesh[key] < -1:
+      _fail(f"mesh.{key}", config.mesh[key], "is invalid; use a positive size or -1 to fill")
+  m = config.model
+  if m.dtype not in ("float32", "bfloat16"):
+    _fail("model.dtype", m.dtype, "is unknown; choose float32 or bfloat16")
+  arch = architecture(m)
+  return Spec(
+      stages=stages, seed=config.seed,
+      model=ModelSpec(name=m.name, weights=m.weights, tokenizer=m.tokenizer, dtype=m.dtype, random_init=m.random_init,
+                      remat=m.remat, scan_layers=m.scan_layers, architecture=arch),
+      mesh=MeshSpec(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, config.mesh.constrain_activations),
+      data=_data(config), refine=_refine(config, arch.num_layers), align=_align(config),
+      checkpoint_every=config.checkpoint.every, checkpoint_keep=config.checkpoint.keep, evaluate=_evaluate(config),
+      kernels=_kernels(config), distributed=DistributedSpec(**config.distributed.to_dict()), demo_prompts=tuple(config.demo.prompts),
+      demo_max_new_tokens=config.demo.max_new_tokens)
+
+
+def check_batches(spec: Spec, mesh) -> None:
+  """Each training stage's (micro)batch must split evenly over the data x fsdp devices."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  for stage, section, accum in ((Stage.REFINE, spec.refine, 1), (Stage.ALIGN, spec.align, spec.align.grad_accum)):
+    size = section.batch_size // accum
+    if stage in spec.stages and size % shards:
+      raise UserError(f"config.{stage}.batch_size={section.batch_size} (per microbatch {size}) is not divisible by "
+                      f"data*fsdp = {shards} devices; use a multiple of {shards}")

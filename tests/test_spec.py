@@ -1,0 +1,71 @@
+"""The config resolved once: typed and frozen, lists read one way everywhere, bad values as one-line errors."""
+
+import dataclasses
+
+import pytest
+
+from dcr_jax.config import base_config
+from dcr_jax.errors import UserError
+from dcr_jax.model import tiny
+from dcr_jax.spec import Loss, Pooling, Stage, resolve
+
+
+def tiny_config(**changes):
+  config = base_config()
+  config.model.name, config.model.random_init = "tiny-gemma3", True
+  for key, value in changes.items():
+    section, _, name = key.partition("__")
+    if name:
+      config[section][name] = value
+    else:
+      config[section] = value
+  return config
+
+
+def test_spaced_lists_resolve_to_the_same_tuples():
+  spaced = resolve(tiny_config(stages=" refine , align,evaluate ", align__lora_targets="q, v ,",
+                               evaluate__suites="demo-harmful:4 , demo-over-refusal", refine__class_ratio="2, 1",
+                               data__toxic="builtin:toxic@0:8 , builtin:toxic@8:16"))
+  assert spaced.stages == (Stage.REFINE, Stage.ALIGN, Stage.EVALUATE)
+  assert spaced.align.lora_targets == ("q", "v")
+  assert spaced.evaluate.suites == (("demo-harmful", 4), ("demo-over-refusal", 32))
+  assert spaced.refine.class_ratio == (2.0, 1.0)
+  assert spaced.data.toxic == ("builtin:toxic@0:8", "builtin:toxic@8:16")
+
+
+def test_types_and_frozen():
+  spec = resolve(tiny_config(refine__layer="5, 2", refine__pooling="mean"))
+  assert spec.refine.layers == (2, 5) and spec.refine.pooling is Pooling.MEAN and spec.refine.loss is Loss.CIRCLE
+  assert spec.refine.loss_kwargs == {"margin": 0.25, "gamma": 64.0}
+  assert resolve(tiny_config()).refine.layers == (3,)  # middle of 6
+  assert spec.data.n_toxic is None and spec.evaluate.data_root is None
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    spec.seed = 3
+
+
+def test_bind_resolves_the_layer_against_the_loaded_depth():
+  spec = resolve(tiny_config())
+  deeper = spec.bind(tiny("gemma3", num_layers=12, layer_types=("local",) * 11 + ("global",)))
+  assert deeper.refine.layers == (6,) and deeper.model.architecture.num_layers == 12
+  assert spec.refine.layers == (3,)  # the original is a value, unchanged
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("refine__layer", "abc", "config.refine.layer='abc'"),
+    ("refine__layer", "0", "config.refine.layer='0' is out of range; use 1..6"),
+    ("refine__class_ratio", "1,x", "config.refine.class_ratio='1,x' is not a list of numbers"),
+    ("refine__class_ratio", "1,1,1", "needs 2 positive weights"),
+    ("refine__loss", "hinge", "config.refine.loss='hinge' is unknown; choose from circle"),
+    ("align__lora_targets", "q, zz", "config.align.lora_targets='q, zz' names unknown ['zz']"),
+    ("align__grad_accum", 3, "config.align.grad_accum=3 must divide align.batch_size=8"),
+    ("stages", "refine,bogus", "config.stages='bogus' is unknown"),
+    ("stages", " , ", "config.stages=' , ' is empty"),
+    ("evaluate__suites", "demo-harmful:ten", "config.evaluate.suites='demo-harmful:ten' is not NAME or NAME:N"),
+    ("kernels__method", "fd", "config.kernels.method='fd' is unknown"),
+    ("data__toxic", "builtin:toxic@5:2", "empty row selection"),
+    ("model__dtype", "float16", "config.model.dtype='float16'"),
+])
+def test_bad_values_are_one_line_errors(key, value, needle):
+  with pytest.raises(UserError) as e:
+    resolve(tiny_config(**{key: value}))
+  assert needle in str(e.value) and "\n" not in str(e.value)
