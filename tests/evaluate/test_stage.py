@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dcr_jax.config import base_config, resolve
+from dcr_jax.config import base_config
+from dcr_jax.spec import resolve
 from dcr_jax.evaluate import stage
 from dcr_jax.evaluate.refusal import KeywordJudge
 from dcr_jax.evaluate.refusal_prob import refusal_probability
