@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from etils import epath
 
 from dcr_jax.errors import UserError
@@ -187,11 +188,10 @@ def plot(workdirs: Sequence[str | os.PathLike], path: str | os.PathLike) -> Path
 
 
 def _plot(runs: Sequence[tuple[str, Mapping[str, Mapping[str, Any]]]], path: str | os.PathLike) -> Path:
-  import matplotlib
+  import matplotlib  # lazy: a plotting backend only for `--plot`, not for the pipeline's report.md
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  import numpy as np
 
   nan = float("nan")
   compliance = [mean_over_refusal_compliance(e) for _, e in runs]

@@ -18,6 +18,8 @@ import tempfile
 import jax
 from etils import epath
 
+from dcr_jax.errors import UserError
+
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -36,7 +38,6 @@ def check_workdir(path: str) -> epath.Path:
   try:
     return epath.Path(path)
   except KeyError:  # epath's registry of URI prefixes
-    from dcr_jax.errors import UserError
     raise UserError(f"--workdir={path}: unsupported URI scheme; use a local path or gs:// (or s3://, az://)") from None
 
 

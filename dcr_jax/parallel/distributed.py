@@ -13,7 +13,7 @@ from dcr_jax.errors import UserError
 def on_tpu_pod() -> bool:
   """True on a Cloud TPU VM or GKE TPU slice, judged by JAX's own cluster detection (metadata server / env)."""
   try:
-    from jax._src.clusters.cloud_tpu_cluster import GceTpuCluster, GkeTpuCluster
+    from jax._src.clusters.cloud_tpu_cluster import GceTpuCluster, GkeTpuCluster  # lazy: a private JAX module
   except ImportError:  # the private module moved: fall back to the GKE worker list
     return len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1
   return GceTpuCluster.is_env_present() or GkeTpuCluster.is_env_present()
