@@ -54,3 +54,16 @@ def test_greedy_continuations_match_transformers(pair):
                                max_new_tokens=20, do_sample=False)
     their_new = out[0, len(ids):].tolist()
     assert our_new == their_new, (tokenizer.decode(our_new), tokenizer.decode(their_new))
+
+
+def test_chat_encoding_is_unchanged_on_the_builtin_sets(pair):
+  """Gemma's tokenizer, which has no template of its own, gets Gemma's: every built-in (prompt, response) encodes
+  exactly as before chat templates (<bos> + turn markers, response closed by <end_of_turn>)."""
+  from test_chat_templates import PAIRS
+
+  _, tokenizer, _ = pair
+  for prompt, response in PAIRS:
+    before = [tokenizer.bos_token_id] + tokenizer.encode(
+        f"<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n", add_special_tokens=False)
+    answer = tokenizer.encode(response + "<end_of_turn>", add_special_tokens=False)
+    assert encode_chat(tokenizer, prompt, response) == (before + answer, [0] * len(before) + [1] * len(answer))
