@@ -39,7 +39,8 @@ def greedy(logits, axis: int = -1):
 
 
 def _next_token(model: Decoder, hidden, rng, temperature: float, top_p: float):
-  """Next token [B] from the last block's output [B D]: argmax at temperature 0, else nucleus sampling."""
+  """Next token [B] from the last block's output [B D]: argmax at temperature 0, else nucleus sampling with each
+  row's own key (rng [B])."""
   normed = model.final_norm(hidden)
   if temperature == 0.0:  # the vocabulary-major head feeds the argmax directly (see Decoder.logits)
     return greedy(model.logits(normed, decoding=True, vocab_major=True), axis=0)
@@ -50,19 +51,27 @@ def _next_token(model: Decoder, hidden, rng, temperature: float, top_p: float):
     cutoff_index = jnp.sum(cumulative < top_p, axis=-1, keepdims=True)
     cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  return jax.vmap(jax.random.categorical)(rng, logits).astype(jnp.int32)
+
+
+def _split(rng):
+  """Per-row keys [B] -> (carried keys [B], this step's keys [B])."""
+  pairs = jax.vmap(jax.random.split)(rng)
+  return pairs[:, 0], pairs[:, 1]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p"))
-def _generate_jit(graphdef, state, tokens, mask, stop_ids, rng, *, max_new_tokens: int, temperature: float,
+def _generate_jit(graphdef, state, tokens, mask, stop_ids, seeds, *, max_new_tokens: int, temperature: float,
                   top_p: float):
-  """Prefill then a while-loop of single-token decode steps; returns [B max_new_tokens] ids and their validity."""
+  """Prefill then a while-loop of single-token decode steps; returns [B max_new_tokens] ids and their validity.
+  seeds [B]: each row samples from its own key stream, so a row's tokens do not depend on its batch."""
   model = nnx.merge(graphdef, state)
+  rng = jax.vmap(jax.random.key)(seeds)
   depth = model.config.num_layers
   b, t = tokens.shape
   cache = model.init_cache(b, t + max_new_tokens)
   out = model(tokens, mask=mask, cache=cache, stop_at_layer=depth)
-  rng, step_rng = jax.random.split(rng)
+  rng, step_rng = _split(rng)
   first = _next_token(model, out.hidden[depth][:, -1], step_rng, temperature, top_p)
   generated = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
   done = jnp.isin(first, stop_ids)
@@ -76,7 +85,7 @@ def _generate_jit(graphdef, state, tokens, mask, stop_ids, rng, *, max_new_token
     step, cache, generated, done, lengths, rng = carry
     last = generated[:, step - 1][:, None]
     step_out = model(last, mask=jnp.ones_like(last), cache=cache, stop_at_layer=depth)
-    rng, step_rng = jax.random.split(rng)
+    rng, step_rng = _split(rng)
     token = _next_token(model, step_out.hidden[depth][:, 0], step_rng, temperature, top_p)
     generated = generated.at[:, step].set(token)
     lengths = lengths + (~done).astype(jnp.int32)
@@ -89,14 +98,18 @@ def _generate_jit(graphdef, state, tokens, mask, stop_ids, rng, *, max_new_token
 
 
 def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_ids: Sequence[int],
-             pad_id: int = 0, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             pad_id: int = 0, temperature: float = 0.0, top_p: float = 1.0, seed: int | Sequence[int] = 0,
              bucket: int = 32) -> list[list[int]]:
-  """New token ids for each prompt (stop token included when reached), generated as one left-padded batch."""
+  """New token ids for each prompt (stop token included when reached), generated as one left-padded batch.
+  `seed`: one per prompt (each row samples from its own stream), or one int for rows seed, seed+1, …"""
+  seeds = np.asarray(seed if isinstance(seed, Sequence) else seed + np.arange(len(prompts)), np.uint32)
+  if seeds.shape != (len(prompts),):
+    raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts; give one per prompt or one int")
   length = bucket_length(max(len(p) for p in prompts), bucket)
   tokens, mask = left_pad(prompts, length, pad_id)
   graphdef, state = nnx.split(model)
   generated, lengths = _generate_jit(graphdef, state, tokens, mask, jnp.asarray(stop_ids, jnp.int32),
-                                     jax.random.key(seed), max_new_tokens=max_new_tokens,
+                                     jnp.asarray(seeds), max_new_tokens=max_new_tokens,
                                      temperature=float(temperature), top_p=float(top_p))
   generated, lengths = np.asarray(generated), np.asarray(lengths)
   return [generated[i, :lengths[i]].tolist() for i in range(len(prompts))]

@@ -7,14 +7,18 @@ Resumable: each suite's JSONL is appended batch by batch, and prompts already th
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import time
+import zlib
 from typing import TYPE_CHECKING, Callable
 
 import jax
 import numpy as np
+from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from dcr_jax.data.batching import load_spec_list
@@ -77,13 +81,64 @@ def _append(path: epath.PathLike, rows: list[dict]) -> None:
   append_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), fsync=True)
 
 
+ROW_SETTINGS = ("max_new_tokens", "temperature", "top_p", "judge", "refusal_prob")
+
+
+def row_settings(spec: Spec, name: str) -> dict:
+  """What shapes a suite's rows: the subsample (seed, n, data root), decoding and judging."""
+  ec = spec.evaluate
+  return {"suite": name, "seed": spec.seed, "n": dict(ec.suites).get(name), "data_root": ec.data_root,
+          **{key: getattr(ec, key) for key in ROW_SETTINGS}}
+
+
+def row_seed(seed: int, suite: str, prompt: str) -> int:
+  """The sampling seed of one row: a function of (seed, suite, the row's prompt), wherever a resumed run starts."""
+  return zlib.crc32(f"{seed}/{suite}/{prompt}".encode())
+
+
+def _settings_path(path: epath.Path) -> epath.Path:
+  return path.with_suffix(".settings.json")
+
+
+def _start_or_resume(path: epath.Path, settings: dict) -> None:
+  """Keeps DIR/eval/<suite>.jsonl when it was written under `settings`; else moves it (and its settings) aside to
+  <suite>.<digest of its settings>.jsonl, so this run starts the suite afresh and earlier results stay intact."""
+  sidecar = _settings_path(path)
+  old = json.loads(sidecar.read_text()) if sidecar.is_file() else None
+  if jax.process_index() == 0 and old != settings:
+    if path.is_file():
+      digest = hashlib.sha1(json.dumps(old, sort_keys=True).encode()).hexdigest()[:8]
+      kept = path.parent / f"{path.stem}.{digest}.jsonl"
+      changed = sorted(k for k in settings if (old or {}).get(k) != settings[k])
+      logging.warning("eval %s: settings changed (%s); earlier rows kept in %s, starting afresh", path.stem,
+                      ", ".join(changed), kept.name)
+      _move(path, kept)
+      if sidecar.is_file():
+        _move(sidecar, _settings_path(kept))
+    write_json(sidecar, settings)
+  if jax.process_count() > 1:  # every process reads the rows only after process 0 has decided
+    multihost_utils.sync_global_devices(f"eval-settings-{path.stem}")
+
+
+def _move(source: epath.Path, target: epath.Path) -> None:
+  """A rename locally; copy and delete on an object store (which cannot rename)."""
+  if is_remote(source):
+    target.write_bytes(source.read_bytes())
+    source.unlink()
+  else:
+    source.rename(target)
+
+
 def evaluate_suite(spec: Spec, model, tokenizer, workdir: epath.PathLike, name: str, records: list[dict], judge,
                    show_progress: bool = True) -> list[dict]:
-  """Rows for one suite (prompt, label, category, generation, refused, refusal_prob), resuming DIR/eval/<name>.jsonl."""
+  """Rows for one suite (prompt, label, category, generation, refused, refusal_prob) of `records`, resuming
+  DIR/eval/<name>.jsonl when it was written under the same settings (`row_settings`), else starting afresh."""
   ec = spec.evaluate
   path = as_path(workdir) / "eval" / f"{name}.jsonl"
   ensure_dir(path.parent)
-  rows = _done_rows(path)
+  _start_or_resume(path, row_settings(spec, name))
+  wanted = {r["prompt"] for r in records}
+  rows = [r for r in _done_rows(path) if r["prompt"] in wanted]
   done = {r["prompt"] for r in rows}
   todo = [r for r in records if r["prompt"] not in done]
   if not todo:
@@ -97,17 +152,19 @@ def evaluate_suite(spec: Spec, model, tokenizer, workdir: epath.PathLike, name: 
     chunk = [int(i) for i in order[start:start + b]]
     batch = [prompts_ids[i] for i in chunk]
     batch += [batch[0]] * (b - len(batch))  # a fixed batch shape: one compilation per length bucket
+    seeds = [row_seed(spec.seed, name, todo[i]["prompt"]) for i in chunk]
     outputs = generate(model, batch, max_new_tokens=ec.max_new_tokens, stop_ids=stops,
                        pad_id=tokenizer.pad_token_id, temperature=ec.temperature, top_p=ec.top_p,
-                       seed=spec.seed + start, bucket=ec.bucket)[:len(chunk)]
+                       seed=seeds + [seeds[0]] * (b - len(chunk)), bucket=ec.bucket)[:len(chunk)]
     texts = [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
-    prompts = [todo[i]["prompt"] for i in chunk]
+    chosen = [todo[i] for i in chunk]
+    prompts = [r["prompt"] for r in chosen]
     refused = judge(prompts, texts)
     probs = (refusal_probability(model, tokenizer, prompts, batch_size=b) if ec.refusal_prob
              else [None] * len(chunk))
-    new = [{"prompt": todo[i]["prompt"], "label": todo[i]["label"], "category": todo[i].get("category"),
-            "generation": text, "refused": bool(r), "refusal_prob": None if p is None else float(p)}
-           for i, text, r, p in zip(chunk, texts, refused, probs)]
+    new = [{"prompt": r["prompt"], "label": r["label"], "category": r.get("category"), "generation": text,
+            "refused": bool(verdict), "refusal_prob": None if p is None else float(p)}
+           for r, text, verdict, p in zip(chosen, texts, refused, probs)]
     _append(path, new)
     rows += new
   return rows

@@ -1,6 +1,7 @@
 """The evaluate stage: rows per prompt, resumption without redoing prompts, a torn last line, metrics; the validation
 callback training logs at each save."""
 
+import dataclasses
 import json
 
 import jax
@@ -107,3 +108,48 @@ def test_validation_is_the_refusal_probability_of_the_saved_model(setup):
 def test_no_validation_sets_means_no_validation():
   assert stage.load_validation(resolve(base_config())) == {}
   assert stage.validator({}, None) is None
+
+
+@pytest.mark.parametrize("change", [{"max_new_tokens": 4}, {"temperature": 0.7}, {"top_p": 0.5},
+                                    {"refusal_prob": False}, {"n": 5}, {"seed": 3}])
+def test_a_changed_setting_starts_the_suite_afresh_and_keeps_the_earlier_rows(setup, tmp_path, change):
+  model, tokenizer, spec = setup
+  first_spec = spec()
+  records = stage.load_suite("demo-harmful", n=6, seed=0)
+  stage.evaluate_suite(first_spec, model, tokenizer, tmp_path, "demo-harmful", records, KeywordJudge(),
+                       show_progress=False)
+  path = tmp_path / "eval" / "demo-harmful.jsonl"
+  earlier = path.read_text()
+  changed_spec = spec(**{k: v for k, v in change.items() if k != "seed"})
+  if "seed" in change:
+    changed_spec = dataclasses.replace(changed_spec, seed=change["seed"])
+  rows = stage.evaluate_suite(changed_spec, model, tokenizer, tmp_path, "demo-harmful", records, KeywordJudge(),
+                              show_progress=False)
+  kept = [p for p in (tmp_path / "eval").iterdir() if p.name.startswith("demo-harmful.") and p.name != path.name
+          and p.suffix == ".jsonl"]
+  assert len(kept) == 1 and kept[0].read_text() == earlier  # the earlier results, intact, beside the new file
+  assert json.loads(kept[0].with_suffix(".settings.json").read_text()) == stage.row_settings(first_spec,
+                                                                                              "demo-harmful")
+  assert json.loads((tmp_path / "eval" / "demo-harmful.settings.json").read_text()) == stage.row_settings(
+      changed_spec, "demo-harmful")
+  assert len(rows) == 6 and len(path.read_text().splitlines()) == 6  # only rows of the current settings
+  if "max_new_tokens" in change:
+    assert rows != [json.loads(line) for line in earlier.splitlines()]
+  again = stage.evaluate_suite(changed_spec, model, tokenizer, tmp_path, "demo-harmful", records, KeywordJudge(),
+                               show_progress=False)
+  assert again == rows and len(list((tmp_path / "eval").glob("demo-harmful.*.jsonl"))) == 1  # same settings: resumed
+
+
+def test_sampled_rows_do_not_depend_on_where_a_run_resumed(setup, tmp_path):
+  model, tokenizer, spec = setup
+  sampled = spec(temperature=1.0, max_new_tokens=8)
+  records = stage.load_suite("demo-harmful", n=6, seed=0)
+  whole = stage.evaluate_suite(sampled, model, tokenizer, tmp_path / "a", "demo-harmful", records, KeywordJudge(),
+                               show_progress=False)
+  stage.evaluate_suite(sampled, model, tokenizer, tmp_path / "b", "demo-harmful", records[2:5], KeywordJudge(),
+                       show_progress=False)
+  resumed = stage.evaluate_suite(sampled, model, tokenizer, tmp_path / "b", "demo-harmful", records, KeywordJudge(),
+                                 show_progress=False)
+  by_prompt = {r["prompt"]: r["generation"] for r in whole}
+  assert {r["prompt"]: r["generation"] for r in resumed} == by_prompt
+  assert len(set(by_prompt.values())) > 1
