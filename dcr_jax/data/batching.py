@@ -204,13 +204,15 @@ class SFTMixture:
     self.probs = np.array([weights[n] / total for n in self.names])
     self.sources, self.batch_size, self.max_len, self.seed, self.pack = sources, batch_size, max_len, seed, pack
 
-  def batch(self, step: int) -> dict:
-    """Batch `step`: tokens/targets/loss_mask/segments/positions [B T]."""
-    rng = rng_for(self.seed, step, stream=1)
-    b, t = self.batch_size, self.max_len
-    out = {k: np.zeros((b, t), np.int32) for k in ("tokens", "targets", "segments", "positions")}
-    out["loss_mask"] = np.zeros((b, t), np.float32)
-    for row in range(b):
+  def batch(self, step: int, rows: slice = slice(None)) -> dict:
+    """Rows `rows` of batch `step`: tokens/targets/loss_mask/segments/positions [B T]. Each row draws from its own
+    stream (seed, step, row), so a process builds only the rows it feeds and they equal the global batch's."""
+    t = self.max_len
+    chosen = range(self.batch_size)[rows]
+    out = {k: np.zeros((len(chosen), t), np.int32) for k in ("tokens", "targets", "segments", "positions")}
+    out["loss_mask"] = np.zeros((len(chosen), t), np.float32)
+    for row, global_row in enumerate(chosen):
+      rng = rng_for(self.seed, step, stream=1 + global_row)
       used, segment = 0, 0
       while used < t - 1:
         src = self.sources[self.names[rng.choice(len(self.names), p=self.probs)]]

@@ -76,7 +76,8 @@ def program(spec: Spec, architecture: ModelConfig, data: AlignData | None = None
       make_step=lambda graphdef: make_align_step(graphdef, optimizer, grad_accum=ac.grad_accum),
       batch_shapes={k: jax.ShapeDtypeStruct((ac.batch_size, ac.max_len), dtype) for k, dtype in BATCH_KEYS.items()},
       steps=ac.steps, log_every=ac.log_every, **({"adapt": with_lora} if lora else {}),
-      batches=None if data is None else data.mixture.batch)
+      batches=None if data is None else lambda i, rows=lambda size: slice(None): data.mixture.batch(
+          i, rows(ac.batch_size)))
 
 
 def run(spec: Spec, stage: StageProgram, data: AlignData, model: Decoder, ctx: TrainContext) -> tuple[Decoder, dict]:

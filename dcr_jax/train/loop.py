@@ -139,7 +139,9 @@ class StageProgram:
   steps: int
   log_every: int
   adapt: Callable[[Decoder], Decoder] = _same  # the model this stage trains, made from the one handed in (LoRA)
-  batches: Callable[[int], dict] | None = None  # step -> host batch; None when built without data (planning)
+  # (step, rows) -> host batch of this process's rows, `rows(global batch size)` giving them; None when built
+  # without data (planning). Rows are built alone, so a process never materialises the global batch.
+  batches: Callable[[int, Callable[[int], slice]], dict] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,11 +169,12 @@ def train_stage(program: StageProgram, model: Decoder, ctx: TrainContext) -> tup
   batch_shardings = {k: parallel.batch_sharding(mesh, len(v.shape)) for k, v in program.batch_shapes.items()}
   compiled = compile_step(program.make_step(graphdef), shardings, batch_shardings)
 
+  rows_sharding = parallel.batch_sharding(mesh, 1)
+
   def placed_batch(i):
-    """Every process builds batch i (cheap, deterministic) and feeds only the rows its devices hold."""
-    batch = program.batches(i)
-    return {k: parallel.local_batch_to_global(
-        np.asarray(v)[parallel.process_rows(batch_shardings[k], np.shape(v))], mesh) for k, v in batch.items()}
+    """Each process builds only the rows of batch i its devices hold (a function of seed, step and row)."""
+    local = program.batches(i, lambda size: parallel.process_rows(rows_sharding, (size,)))
+    return {k: parallel.local_batch_to_global(np.asarray(v), mesh) for k, v in local.items()}
 
   on_save = None if ctx.validate is None else (lambda step, saved: ctx.validate(merge(graphdef, saved)))
   state, summary = train_loop(stage=program.name, step_fn=compiled, state=state, batch_fn=placed_batch,

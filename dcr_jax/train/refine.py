@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import jax
 import jax.numpy as jnp
@@ -78,10 +78,10 @@ def program(spec: Spec, architecture: ModelConfig, data: RefineData | None = Non
     lm_shape = (rc.lm_batch_size, spec.align.max_len)
     shapes.update({k: (lm_shape, jnp.float32 if k == "lm_mask" else jnp.int32) for k in LM_KEYS})
 
-  def batches(i: int) -> dict:
-    batch = data.train.take(data.sampler.indices(i))
+  def batches(i: int, rows: Callable[[int], slice] = lambda size: slice(None)) -> dict:
+    batch = data.train.take(data.sampler.indices(i)[rows(rc.batch_size)])
     if data.lm_batches is not None:
-      lm = data.lm_batches.batch(i)
+      lm = data.lm_batches.batch(i, rows(rc.lm_batch_size))
       batch.update({k: lm[v] for k, v in LM_KEYS.items()})
     return batch
 

