@@ -49,6 +49,9 @@ from dcr_jax.evaluate.refusal_prob import _HEAD_CHUNK, continue_from, head_log_p
 from dcr_jax.workdir_io import as_path, ensure_dir, write_text_atomic
 
 TASKS = ("mmlu", "arc_easy", "arc_challenge", "openbookqa", "piqa", "truthfulqa_mc1")
+# The metric papers and the Open LLM Leaderboard quote per task (normalised accuracy where the harness reports it).
+HEADLINE = {"mmlu": "acc", "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "openbookqa": "acc_norm",
+            "piqa": "acc_norm", "truthfulqa_mc1": "acc"}
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[3] / "shared" / "data" / "capability"
 FORMAT = "lm-eval-0.4 multiple_choice v1"  # part of every row's key: change it when prompts or tokenization change
 

@@ -169,6 +169,19 @@ def test_evaluate_task_scores_writes_and_resumes(tok, model, tmp_path, monkeypat
   assert calls == [2, 2, 2]  # another model tag: all three redone
 
 
+@needs_data
+def test_evaluate_capability_on_the_shared_files(tok, tmp_path):
+  model = Decoder(tiny("gemma3"), rngs=nnx.Rngs(2))
+  results = capability.evaluate_capability(model, tok, "arc_easy, piqa", data_root=ROOT, n=3, seed=1,
+                                           out_dir=tmp_path / "eval", batch_size=4, show_progress=False)
+  assert list(results) == ["arc_easy", "piqa"] and set(capability.HEADLINE) == set(TASKS)
+  for name, metrics in results.items():
+    rows = [json.loads(line) for line in (tmp_path / "eval" / f"capability-{name}.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == sorted(q["id"] for q in load_task(name, ROOT, n=3, seed=1))
+    assert metrics == {"acc": np.mean([r["acc"] for r in rows]), "acc_norm": np.mean([r["acc_norm"] for r in rows]),
+                       "n": 3}
+
+
 def test_unknown_task_is_one_line_listing_the_known_ones():
   with pytest.raises(UserError, match="unknown capability task 'hellaswag'; known tasks: mmlu, arc_easy") as err:
     check_tasks("mmlu,hellaswag")
