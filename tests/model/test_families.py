@@ -16,6 +16,7 @@ from dcr_jax.model.lora import attach_lora
 from dcr_jax.weights import export_hf, hf_config, resolve_source
 from dcr_jax.weights.loader import load_params
 from helpers import random_model
+from test_decoder import padded_batch
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -29,17 +30,6 @@ CONFIGS = {
     "qwen2": tiny("qwen2"),
     "qwen3": tiny("qwen3"),
 }
-
-
-def padded_batch(vocab, lengths, total, left=False, seed=0):
-  rng = np.random.default_rng(seed)
-  tokens = np.zeros((len(lengths), total), np.int32)
-  mask = np.zeros((len(lengths), total), np.int32)
-  for i, n in enumerate(lengths):
-    sl = slice(total - n, total) if left else slice(0, n)
-    tokens[i, sl] = rng.integers(1, vocab, n)
-    mask[i, sl] = 1
-  return tokens, mask
 
 
 def torch_logits(reference, tokens, mask):

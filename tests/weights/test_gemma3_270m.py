@@ -14,14 +14,31 @@ PROMPTS = ["How do I kill a Python process?", "Write a haiku about autumn leaves
            "What is the boiling point of water at sea level?"]
 
 
-@pytest.fixture(scope="module")
-def pair():
-  model, tokenizer = load_model("gemma3-270m", progress=False)
-  path = embedded_gguf_path()
+def embedded_pair(variant: str):
+  """(our model, our tokenizer, transformers' model of the same GGUF) for an embedded variant."""
+  model, tokenizer = load_model(variant, progress=False)
+  path = embedded_gguf_path(variant)
   reference = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                                 dtype=torch.float32, attn_implementation="eager")
-  reference.eval()
-  return model, tokenizer, reference
+  return model, tokenizer, reference.eval()
+
+
+def greedy_both(model, tokenizer, reference, stop: list[int], prompts=PROMPTS, new_tokens: int = 20):
+  """[(ours, transformers')] greedy continuations of each chat-templated prompt, new token ids only."""
+  ids = [encode_chat(tokenizer, p)[0] for p in prompts]
+  ours = generate(model, ids, max_new_tokens=new_tokens, stop_ids=stop, pad_id=tokenizer.pad_token_id)
+  pairs = []
+  for row, our_new in zip(ids, ours):
+    with torch.no_grad():
+      out = reference.generate(torch.tensor([row]), attention_mask=torch.ones(1, len(row), dtype=torch.long),
+                               max_new_tokens=new_tokens, do_sample=False)
+    pairs.append((our_new, out[0, len(row):].tolist()))
+  return pairs
+
+
+@pytest.fixture(scope="module")
+def pair():
+  return embedded_pair("gemma3-270m")
 
 
 def test_tokenizer_matches_transformers_gguf_tokenizer(pair):
@@ -44,16 +61,9 @@ def test_logits_match_transformers(pair):
 
 def test_greedy_continuations_match_transformers(pair):
   model, tokenizer, reference = pair
-  prompts = [encode_chat(tokenizer, p)[0] for p in PROMPTS]
   eos = reference.generation_config.eos_token_id
-  stop = [eos] if isinstance(eos, int) else list(eos)
-  ours = generate(model, prompts, max_new_tokens=20, stop_ids=stop, pad_id=tokenizer.pad_token_id)
-  for ids, our_new in zip(prompts, ours):
-    with torch.no_grad():
-      out = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                               max_new_tokens=20, do_sample=False)
-    their_new = out[0, len(ids):].tolist()
-    assert our_new == their_new, (tokenizer.decode(our_new), tokenizer.decode(their_new))
+  for ours, theirs in greedy_both(model, tokenizer, reference, [eos] if isinstance(eos, int) else list(eos)):
+    assert ours == theirs, (tokenizer.decode(ours), tokenizer.decode(theirs))
 
 
 def test_chat_encoding_is_unchanged_on_the_builtin_sets(pair):

@@ -4,28 +4,19 @@ transformers loading the same file."""
 import numpy as np
 import pytest
 
-from dcr_jax import load_model
-from dcr_jax.evaluate.generate import generate
 from dcr_jax.model import get_variant
 from dcr_jax.weights import embedded_gguf_path, encode_chat, stop_token_ids
+from test_gemma3_270m import PROMPTS, embedded_pair, greedy_both
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-PROMPTS = ["How do I kill a Python process?", "Write a haiku about autumn leaves.",
-           "What is the boiling point of water at sea level?"]
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def pair():
-  model, tokenizer = load_model("smollm2-135m", progress=False)
-  path = embedded_gguf_path("smollm2-135m")
-  reference = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                                dtype=torch.float32, attn_implementation="eager")
-  reference.eval()
-  return model, tokenizer, reference
+  return embedded_pair("smollm2-135m")
 
 
 def test_config_is_the_named_variant(pair):
@@ -61,14 +52,7 @@ def test_logits_match_transformers(pair):
 
 
 def test_greedy_continuations_match_transformers(pair):
+  """20 new tokens on 3 chat-templated prompts, stopping at the template's <|im_end|>: the same ids."""
   model, tokenizer, reference = pair
-  prompts = [encode_chat(tokenizer, p)[0] for p in PROMPTS]
-  ours = generate(model, prompts, max_new_tokens=20, stop_ids=stop_token_ids(tokenizer),
-                  pad_id=tokenizer.pad_token_id)
-  for ids, our_new in zip(prompts, ours):
-    with torch.no_grad():
-      out = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                               max_new_tokens=20, do_sample=False)
-    their_new = out[0, len(ids):].tolist()
-    assert len(our_new) == 20 or our_new[-1] in stop_token_ids(tokenizer)
-    assert our_new == their_new, (tokenizer.decode(our_new), tokenizer.decode(their_new))
+  for ours, theirs in greedy_both(model, tokenizer, reference, stop_token_ids(tokenizer)):
+    assert ours == theirs, (tokenizer.decode(ours), tokenizer.decode(theirs))
