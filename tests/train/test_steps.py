@@ -137,3 +137,55 @@ def test_pool_last_and_mean():
   mean = pool(hidden, mask, "mean")
   expected = np.array([[1.0, 2.0], [8.0, 9.0]])
   np.testing.assert_allclose(mean, expected / np.linalg.norm(expected, axis=1, keepdims=True), rtol=1e-6)
+
+
+def _refine_metrics(batch, **kwargs):
+  """Loss and metrics of one stage-1 step from a fixed model (SGD with lr 0: the state does not move)."""
+  import optax
+
+  model = tiny_model()
+  graphdef, state = create_state(model, trainable_filter("refine", 4), optax.sgd(0.0), seed=0)
+  step = make_refine_step(graphdef, optax.sgd(0.0), pooling="last", loss="circle",
+                          loss_kwargs={"margin": 0.25, "gamma": 64.0}, **kwargs)
+  return model, jax.jit(step)(state, batch)[1]
+
+
+def _circle_at(model, batch, layer):
+  from dcr_jax.train.losses import get_loss
+
+  hidden = model(batch["tokens"], mask=batch["mask"], stop_at_layer=layer).hidden[layer]
+  return float(get_loss("circle")(pool(hidden, batch["mask"], "last"), batch["labels"], margin=0.25, gamma=64.0))
+
+
+def test_lm_retention_term_adds_lambda_times_the_masked_ce():
+  lm = SFTMixture(sft_sources(), {"general": 1.0}, batch_size=2, max_len=16, seed=0).batch(0)
+  batch = {**refine_batch(), "lm_tokens": lm["tokens"], "lm_targets": lm["targets"], "lm_mask": lm["loss_mask"],
+           "lm_segments": lm["segments"], "lm_positions": lm["positions"]}
+  model, metrics = _refine_metrics(batch, layers=[2], lm_weight=0.3)
+  logits = model(lm["tokens"], lm["positions"], lm["segments"])
+  ce = float(masked_cross_entropy(logits, lm["targets"], lm["loss_mask"])[0])
+  assert float(metrics["lm_loss"]) == pytest.approx(ce, rel=1e-5)
+  assert float(metrics["loss"]) == pytest.approx(_circle_at(model, batch, 2) + 0.3 * ce, rel=1e-5)
+
+
+def test_a_list_of_layers_averages_their_losses():
+  batch = refine_batch()
+  model, metrics = _refine_metrics(batch, layers=[1, 3])
+  expected = (_circle_at(model, batch, 1) + _circle_at(model, batch, 3)) / 2
+  assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
+  assert expected != pytest.approx(_circle_at(model, batch, 3), rel=1e-3)
+
+
+def test_a_third_benign_class_is_sampled_and_pushed_apart():
+  from dcr_jax.data.batching import BalancedSampler
+
+  labels = np.array([0] * 10 + [1] * 10 + [2] * 10)
+  sampler = BalancedSampler(labels, batch_size=12, ratio=(2, 1, 1), seed=0)
+  for step in range(3):
+    drawn = labels[sampler.indices(step)]
+    assert np.bincount(drawn, minlength=3).tolist() == [6, 3, 3]
+  batch = {**refine_batch(b=12), "labels": labels[sampler.indices(0)].astype(np.int32)}
+  model, metrics = _refine_metrics(batch, layers=[2])
+  assert float(metrics["loss"]) == pytest.approx(_circle_at(model, batch, 2), rel=1e-5)
+  two_class = {**batch, "labels": np.where(batch["labels"] == 2, 1, batch["labels"]).astype(np.int32)}
+  assert _circle_at(model, two_class, 2) != pytest.approx(_circle_at(model, batch, 2), rel=1e-3)  # 3 classes count
