@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from dcr_jax.model import Decoder, default_positions, get_variant, stack_layers, tiny
-from dcr_jax.model.layers import llama3_inverse_frequencies, rope_inverse_frequencies
+from dcr_jax.model.layers import LoRAParam, llama3_inverse_frequencies, rope_inverse_frequencies
 from dcr_jax.model.lora import attach_lora
 from dcr_jax.weights import export_hf, hf_config, resolve_source
 from dcr_jax.weights.loader import load_params
@@ -159,3 +159,18 @@ def test_named_variants_have_the_published_shapes():
     cfg = get_variant(name)
     one, two = count(cfg, 1), count(cfg, 2)
     assert one + (cfg.num_layers - 1) * (two - one) == expected, name
+
+
+@pytest.mark.parametrize("name", ["qwen2", "mistral"])
+def test_export_with_lora_merged_loads_in_transformers(name, tmp_path):
+  """A model with trained-looking (non-zero) adapters exports merged: transformers gives our logits."""
+  model = random_model(CONFIGS[name])
+  attach_lora(model, rank=2, alpha=4.0, targets=("q", "k", "v", "o", "gate", "up", "down"), rngs=nnx.Rngs(5))
+  adapters = nnx.state(model, LoRAParam)
+  keys = iter(jax.random.split(jax.random.key(7), len(jax.tree.leaves(adapters))))
+  nnx.update(model, jax.tree.map(lambda a: a + 0.2 * jax.random.normal(next(keys), a.shape), adapters))
+  tokens, mask = padded_batch(model.config.vocab_size, [11, 6], 12, left=True)
+  ours = np.asarray(model(tokens, mask=mask))
+  export_hf(model, tmp_path)
+  theirs = torch_logits(load_reference(tmp_path), tokens, mask)
+  assert np.abs(ours - theirs)[mask.astype(bool)].max() <= 1e-4
