@@ -5,7 +5,7 @@ gemma3-270m runs on the embedded weights with CPU-sized steps. The other variant
 that split over 8-256 chips. Size them for your slice with `python -m dcr_jax.plan` first.
 """
 
-from dcr_jax.config import base_config
+from dcr_jax.config import base_config, tpu_defaults
 
 # variant -> (stage-1 batch, stage-2 batch, stage-2 max_len, LoRA rank; 0 = full fine-tuning)
 TPU_SIZES = {
@@ -25,18 +25,5 @@ def get_config(variant: str = "gemma3-270m"):
   config = base_config()  # the variant name is checked with the rest of the config, at start
   config.model.name = variant
   if variant in TPU_SIZES:
-    refine_batch, align_batch, max_len, lora_rank = TPU_SIZES[variant]
-    config.model.dtype = "bfloat16"
-    config.model.remat = "full"
-    config.model.scan_layers = True
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
-    config.mesh.constrain_activations = True  # else the partitioner may gather the batch for the vocab matmul
-    config.refine.batch_size, config.refine.max_len, config.refine.steps = refine_batch, 128, 200
-    config.align.batch_size, config.align.max_len, config.align.steps = align_batch, max_len, 1000
-    config.align.lora_rank = lora_rank
-    config.align.lr = 2e-4 if lora_rank else 2e-5
-    config.checkpoint.every, config.checkpoint.keep = 100, 3
-    config.evaluate.n = 0
-    config.evaluate.batch_size = 64
-    config.evaluate.max_new_tokens = 128
+    tpu_defaults(config, *TPU_SIZES[variant])
   return config

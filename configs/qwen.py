@@ -2,15 +2,10 @@
 --config=configs/qwen.py:VARIANT (default qwen2.5-1.5b).
 
 No Qwen weights ship with dcr_jax: set `config.model.weights` to an HF directory or a GGUF file of the variant.
-Every variant defaults to a TPU-sized run (configs/llama.py's `tpu_defaults`); size it with `python -m dcr_jax.plan`.
+Every variant defaults to a TPU-sized run (`dcr_jax.config.tpu_defaults`); size it with `python -m dcr_jax.plan`.
 """
 
-import runpy
-from pathlib import Path
-
-from dcr_jax.config import base_config
-
-tpu_defaults = runpy.run_path(str(Path(__file__).with_name("llama.py")))["tpu_defaults"]
+from dcr_jax.config import base_config, tpu_defaults
 
 # variant -> (stage-1 batch, stage-2 batch, stage-2 max_len, LoRA rank; 0 = full fine-tuning)
 TPU_SIZES = {

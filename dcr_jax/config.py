@@ -16,6 +16,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.name = "gemma3-270m"  # a variant name (see dcr_jax.model.VARIANTS) or "tiny-<family>"
   c.model.weights = ""  # "" = embedded weights of the variant; else an HF directory or .gguf file
   c.model.tokenizer = ""  # "" = from the weights; else an HF tokenizer directory
+  c.model.chat_template = ""  # "" = the tokenizer's own; else a Jinja chat template (string) or a file holding one
   c.model.dtype = "float32"
   c.model.random_init = False  # random weights of the named shape (tests, planning)
   c.model.remat = "none"  # none | full | dots: recompute block activations in the backward pass
@@ -123,3 +124,22 @@ def base_config() -> ml_collections.ConfigDict:
                     "Write a short poem about the sea.")
   c.demo.max_new_tokens = 32
   return c
+
+
+def tpu_defaults(config, refine_batch: int, align_batch: int, max_len: int, lora_rank: int):
+  """`config` with a TPU-sized run: bf16, remat, FSDP over every device, scanned layers, the given batches (the
+  TPU variants of configs/gemma.py, llama.py and qwen.py)."""
+  config.model.dtype = "bfloat16"
+  config.model.remat = "full"
+  config.model.scan_layers = True
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+  config.mesh.constrain_activations = True  # else the partitioner may gather the batch for the vocab matmul
+  config.refine.batch_size, config.refine.max_len, config.refine.steps = refine_batch, 128, 200
+  config.align.batch_size, config.align.max_len, config.align.steps = align_batch, max_len, 1000
+  config.align.lora_rank = lora_rank
+  config.align.lr = 2e-4 if lora_rank else 2e-5
+  config.checkpoint.every, config.checkpoint.keep = 100, 3
+  config.evaluate.n = 0
+  config.evaluate.batch_size = 64
+  config.evaluate.max_new_tokens = 128
+  return config

@@ -18,7 +18,7 @@ from dcr_jax.model import Decoder, stack_layers
 from dcr_jax.train import align, refine
 from dcr_jax.weights import embedded_gguf_path, load_model, load_tokenizer
 from dcr_jax.weights.sources import GGUFSource
-from dcr_jax.weights.tokenizer import tiny_tokenizer
+from dcr_jax.weights.tokenizer import tiny_tokenizer, with_chat_template
 from dcr_jax.workdir_io import as_path, ensure_dir, is_main_process, write_json
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "data" / "builtin"
@@ -42,12 +42,12 @@ def build_model(spec: Spec, mesh=None) -> tuple[Decoder, object]:
   if m.random_init:
     model = Decoder(m.architecture, rngs=nnx.Rngs(spec.seed))
     if m.architecture.vocab_size <= 4096:
-      tokenizer = tiny_tokenizer(m.architecture.vocab_size, builtin_corpus())
+      tokenizer = with_chat_template(tiny_tokenizer(m.architecture.vocab_size, builtin_corpus()), m.chat_template)
     else:
-      tokenizer = load_tokenizer(GGUFSource(embedded_gguf_path()), m.tokenizer or None)
+      tokenizer = load_tokenizer(GGUFSource(embedded_gguf_path()), m.tokenizer or None, m.chat_template)
   else:
     model, tokenizer = load_model(m.weights or m.name, place=place, dtype=m.dtype, tokenizer=m.tokenizer or None,
-                                  progress=is_main_process())
+                                  chat_template=m.chat_template, progress=is_main_process())
     model.config = model.config.replace(remat=m.remat)
     if m.scan_layers:
       model = stack_layers(model, place=place)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from pathlib import Path
 from typing import Callable, Sequence
 
 import ml_collections
@@ -48,6 +49,7 @@ class ModelSpec:
   name: str
   weights: str
   tokenizer: str
+  chat_template: str | None  # a Jinja template replacing the tokenizer's own; None = its own
   dtype: str
   random_init: bool
   remat: str
@@ -235,6 +237,18 @@ def _layers(request, num_layers: int) -> tuple[int, ...]:
   return tuple(sorted(set(layers)))
 
 
+def _template(value: str) -> str | None:
+  """model.chat_template: "" (the tokenizer's own), a Jinja string, or a path to a file holding one."""
+  if not value:
+    return None
+  if "{" in value:
+    return value
+  path = Path(value)
+  if not path.is_file():
+    _fail("model.chat_template", value, "is neither a Jinja template nor a file; give the template or its path")
+  return path.read_text(encoding="utf-8")
+
+
 def architecture(model: ml_collections.ConfigDict) -> ModelConfig:
   """The architecture config.model names (`tiny-<family>` for random-init tiny models), with its run settings."""
   common = dict(dtype=model.dtype, param_dtype=model.dtype, remat=model.remat, scan_layers=model.scan_layers)
@@ -336,7 +350,8 @@ def resolve(config: ml_collections.ConfigDict) -> Spec:
   arch = architecture(m)
   return Spec(
       stages=stages, seed=config.seed,
-      model=ModelSpec(name=m.name, weights=m.weights, tokenizer=m.tokenizer, dtype=m.dtype, random_init=m.random_init,
+      model=ModelSpec(name=m.name, weights=m.weights, tokenizer=m.tokenizer, chat_template=_template(m.chat_template),
+                      dtype=m.dtype, random_init=m.random_init,
                       remat=m.remat, scan_layers=m.scan_layers, architecture=arch),
       mesh=MeshSpec(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, config.mesh.constrain_activations),
       data=_data(config), refine=_refine(config, arch.num_layers), align=_align(config),

@@ -43,7 +43,7 @@ from flax import nnx
 
 from dcr_jax.errors import UserError
 from dcr_jax.evaluate.generate import bucket_length, left_pad
-from dcr_jax.weights.tokenizer import END_TURN, encode_chat
+from dcr_jax.weights.tokenizer import encode_chat, response_ids
 
 # Short, word-boundary openings that current chat models (and the project's built-in refusals) start refusals with.
 # Sources as in ``dcr_jax.evaluate.refusal``: GCG/AdvBench test prefixes (Zou et al. 2023: "I'm sorry", "I apologize",
@@ -73,18 +73,15 @@ REFUSAL_OPENINGS: tuple[str, ...] = (
 def opening_token_ids(tokenizer, openings: Sequence[str] = REFUSAL_OPENINGS) -> list[tuple[str, tuple[int, ...]]]:
   """(opening, response ids) for the prefix-free subset of `openings`, in the given order.
 
-  Ids are the response part of ``encode_chat(tokenizer, "", opening)`` minus the trailing ``<end_of_turn>``. Drops
-  exact duplicates and every opening whose ids extend another listed opening's ids (see module docstring).
+  Ids are the opening's ids as a response in the tokenizer's chat template, without the end-of-turn token
+  (``response_ids``). Drops exact duplicates and every opening whose ids extend another listed opening's ids (see
+  module docstring).
   """
   if not openings:
     raise UserError("openings is empty; pass at least one refusal opening (default: REFUSAL_OPENINGS)")
-  end = tuple(tokenizer.encode(END_TURN.rstrip("\n"), add_special_tokens=False))
   seqs = []
   for opening in openings:
-    ids, mask = encode_chat(tokenizer, "", opening)
-    response = tuple(i for i, m in zip(ids, mask) if m)
-    if response[len(response) - len(end):] == end:
-      response = response[:len(response) - len(end)]
+    response = tuple(response_ids(tokenizer, opening))
     if not response:
       raise UserError(f"refusal opening {opening!r} tokenizes to nothing; remove it from openings")
     seqs.append((opening, response))
