@@ -41,9 +41,13 @@ from dcr_jax.pipeline import STAGE_PROGRAMS as PROGRAMS  # noqa: E402
 from dcr_jax.train.loop import StageProgram  # noqa: E402
 from dcr_jax.train.state import create_state  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Pipeline config (e.g. configs/gemma.py:gemma-7b).")
-_DEVICES = flags.DEFINE_integer("devices", 8, "Number of devices to plan for (simulated on CPU).")
-_OUT = flags.DEFINE_string("out", "", "Write the plan as JSON here too.")
+
+def _define_flags() -> dict:
+  """The command line's flags, defined only when run as a program (so `plan()` imports beside dcr_jax.main)."""
+  return {"config": config_flags.DEFINE_config_file("config", None,
+                                                    "Pipeline config (e.g. configs/gemma.py:gemma-7b)."),
+          "devices": flags.DEFINE_integer("devices", 8, "Number of devices to plan for (simulated on CPU)."),
+          "out": flags.DEFINE_string("out", "", "Write the plan as JSON here too.")}
 
 
 def _per_device_bytes(tree, shardings) -> int:
@@ -140,11 +144,11 @@ def _gib(n: int) -> str:
 def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  if _CONFIG.value is None:
+  if _FLAGS['config'].value is None:
     print("error: --config=FILE[:VARIANT] is required", file=sys.stderr)
     sys.exit(2)
   try:
-    result = plan(_CONFIG.value, _DEVICES.value)
+    result = plan(_FLAGS['config'].value, _FLAGS['devices'].value)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -156,10 +160,11 @@ def main(argv):
     print(f"| {stage} | {_gib(r['params_bytes'])} | {_gib(r['optimizer_bytes'])} | {_gib(r['temp_bytes'])} | "
           f"{_gib(r['peak_bytes_estimate'])} | {r['flops_per_step'] / 1e12:.2f} | {r['compile_seconds']} |")
   print("(bytes are per device)")
-  if _OUT.value:
-    with open(_OUT.value, "w", encoding="utf-8") as f:
+  if _FLAGS['out'].value:
+    with open(_FLAGS['out'].value, "w", encoding="utf-8") as f:
       json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":
+  _FLAGS = _define_flags()
   app.run(main)

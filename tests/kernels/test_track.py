@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--config=configs/tiny.py", "--config.refine.steps=4", "--config.align.steps=4", "--config.checkpoint.every=2",
+TINY = ["--config=configs/tiny.py:llama", "--config.refine.steps=4", "--config.align.steps=4", "--config.checkpoint.every=2",
         "--config.checkpoint.keep=5", "--config.refine.probe=False", "--config.stages=refine,align",
         "--config.kernels.n_per_group=2", "--config.kernels.top_k=3", "--config.kernels.chunk_size=2",
         "--config.align.lora_targets=q, v"]  # a spaced list: trains, and kernels read it the same way
