@@ -78,10 +78,9 @@ def test_tiny_pipeline_trains_evaluates_and_reevaluates(tmp_path):
 
 
 def test_tiny_pipeline_with_scanned_layers_and_lora(tmp_path):
-  """A Llama-family tiny model end to end with scan_layers: stage 1 on stacked weights, stacked LoRA adapters,
-  checkpoints, validation, evaluation (tests/kernels/test_track.py runs kernels on a tiny Llama run)."""
+  """scan_layers end to end: stage 1 on stacked weights, stacked LoRA adapters, checkpoints, evaluation."""
   workdir = tmp_path / "scan"
-  result = run_main("--config=configs/tiny.py:llama", "--config.model.scan_layers=True", "--config.model.remat=full",
+  result = run_main("--config=configs/tiny.py", "--config.model.scan_layers=True", "--config.model.remat=full",
                     "--config.align.lora_rank=4", "--config.refine.steps=6", "--config.align.steps=6",
                     "--config.checkpoint.every=3", "--config.data.val_toxic=builtin:toxic@0::2",
                     "--config.data.val_seemingly_toxic=builtin:seemingly_toxic@1::2", "--config.data.n_val=4",

@@ -191,6 +191,8 @@ def load_task(name: str, data_root: str | os.PathLike | None = None, *, n: int |
               seed: int = 0) -> list[dict]:
   """Questions {id, context, choices, gold} of task `name`; `n` keeps a seeded subsample in file order."""
   check_tasks([name], data_root)
+  if n is not None and n < 0:
+    raise UserError(f"capability n={n}; use a positive number of questions per task (0 or None = all)")
   questions = _LOADERS[name](Path(data_root or DEFAULT_DATA_ROOT).expanduser())
   if n is not None and n < len(questions):
     keep = np.sort(np.random.default_rng(seed).choice(len(questions), size=n, replace=False))

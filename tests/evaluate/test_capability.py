@@ -195,6 +195,8 @@ def test_missing_file_is_one_line_naming_it(tmp_path):
   with pytest.raises(UserError, match="capability task piqa: missing file .*piqa/valid.jsonl") as err:
     check_tasks("arc_easy, piqa", tmp_path)
   assert "\n" not in str(err.value)
+  with pytest.raises(UserError, match="capability n=-1; use a positive number"):
+    load_task("arc_easy", tmp_path, n=-1)
   with pytest.raises(UserError, match="mmlu/test/abstract_algebra_test.csv"):
     capability.evaluate_capability(None, None, "mmlu", data_root=tmp_path)
 
