@@ -1,4 +1,5 @@
-"""python -m dcr_jax.kernels on a tiny trained workdir: every checkpoint measured, JSON + PNGs, resumable."""
+"""python -m dcr_jax.kernels on a tiny trained Llama-family workdir: every checkpoint measured, JSON + PNGs,
+resumable."""
 
 import json
 import subprocess
@@ -6,8 +7,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--config=configs/tiny.py:llama", "--config.refine.steps=4", "--config.align.steps=4", "--config.checkpoint.every=2",
-        "--config.checkpoint.keep=5", "--config.refine.probe=False", "--config.stages=refine,align",
+TINY = ["--config=configs/tiny.py:llama", "--config.refine.steps=4", "--config.align.steps=4",
+        "--config.checkpoint.every=2", "--config.checkpoint.keep=5", "--config.refine.probe=False", "--config.evaluate.n=4",
+        "--config.evaluate.max_new_tokens=4", "--config.evaluate.batch_size=4",
         "--config.kernels.n_per_group=2", "--config.kernels.top_k=3", "--config.kernels.chunk_size=2",
         "--config.align.lora_targets=q, v"]  # a spaced list: trains, and kernels read it the same way
 
@@ -18,7 +20,9 @@ def run(module, *args):
 
 def test_tracks_base_and_every_checkpoint_and_rejects_unknown_steps(tmp_path):
   workdir = tmp_path / "dcr"
-  assert run("dcr_jax.main", *TINY, f"--workdir={workdir}").returncode == 0
+  trained = run("dcr_jax.main", *TINY, f"--workdir={workdir}")  # a tiny Llama end to end: refine, align, evaluate
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  assert json.loads((workdir / "report.json").read_text())["eval"]["demo-harmful"]["n"] == 4
   result = run("dcr_jax.kernels", *TINY, f"--workdir={workdir}")
   assert result.returncode == 0, result.stderr[-3000:]
   data = json.loads((workdir / "kernels" / "similarity.json").read_text())
