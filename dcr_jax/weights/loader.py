@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -80,24 +80,49 @@ def load_params(cfg: ModelConfig, source: GGUFSource | SafetensorsSource, *, pla
   return nnx.merge(graphdef, state)
 
 
+def _module_at(model: Decoder, path: tuple):
+  for key in path:
+    model = model[key] if isinstance(key, int) else getattr(model, key)
+  return model
+
+
+def merged_params(model: Decoder, merge: bool = True) -> Iterator[tuple[Entry, jax.Array]]:
+  """Every parameter of `model` (layers unstacked) in weight-table order, in our layout, with LoRA folded into its
+  kernel when `merge` (else the bare kernel): device arrays, each sharded as the model holds it."""
+  model = unstack_layers(model)
+  for entry in weight_table(model.config):
+    module, leaf = _module_at(model, entry.path[:-1]), entry.path[-1]
+    yield entry, merged_kernel(module) if leaf == "kernel" and merge else getattr(module, leaf)[...]
+
+
+def lora_adapters(model: Decoder) -> Iterator[tuple[Entry, jax.Array, jax.Array, float]]:
+  """(entry, A [in r], B [r out], alpha/r) of every projection of `model` (layers unstacked) that carries LoRA."""
+  model = unstack_layers(model)
+  for entry in weight_table(model.config):
+    module = _module_at(model, entry.path[:-1])
+    if entry.path[-1] == "kernel" and module.lora_a is not None:
+      yield entry, module.lora_a[...], module.lora_b[...], float(module.lora_scale)
+
+
+def hf_layout(entry: Entry, value: np.ndarray) -> np.ndarray:
+  """Our [in out] kernels as HF's [out in]; everything else as is."""
+  return np.ascontiguousarray(value.T if entry.kind == LINEAR else value)
+
+
+def permute_heads(rows: np.ndarray, heads: int) -> np.ndarray:
+  """llama.cpp's q/k row permutation (the inverse of `unpermute_heads`): each head's two RoPE halves interleaved."""
+  half = rows.shape[0] // heads // 2
+  return rows.reshape(heads, 2, half, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
 def export_hf(model: Decoder, directory: str | Path) -> Path:
   """Writes config.json + model.safetensors that transformers' *ForCausalLM loads (LoRA merged in)."""
   from safetensors.numpy import save_file
 
-  model = unstack_layers(model)
-  cfg = model.config
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  tensors = {}
-  for entry in weight_table(cfg):
-    module, leaf = model, entry.path
-    for key in leaf[:-1]:
-      module = module[key] if isinstance(key, int) else getattr(module, key)
-    value = merged_kernel(module) if leaf[-1] == "kernel" else getattr(module, leaf[-1])[...]
-    value = np.asarray(jax.device_get(value), dtype=np.float32)
-    tensors[entry.hf] = np.ascontiguousarray(value.T if entry.kind == LINEAR else value)
+  tensors = {entry.hf: hf_layout(entry, np.asarray(jax.device_get(value), dtype=np.float32))
+             for entry, value in merged_params(model)}
   save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-  (directory / "config.json").write_text(json.dumps(hf_config.to_hf_config(cfg), indent=2))
+  (directory / "config.json").write_text(json.dumps(hf_config.to_hf_config(model.config), indent=2))
   return directory
-
-
