@@ -101,6 +101,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluate.top_p = 1.0
   c.evaluate.judge = "keyword"  # keyword | openai:<base_url>:<model>
   c.evaluate.refusal_prob = True
+  # General capability (opt-in): mmlu,arc_easy,arc_challenge,openbookqa,piqa,truthfulqa_mc1, scored as
+  # lm-evaluation-harness scores them, from evaluate.capability_root ("" = <evaluate.data_root>/capability when
+  # data_root is set, else ../shared/data/capability beside the project).
+  c.evaluate.capability = ""
+  c.evaluate.capability_n = 100  # questions per task (seeded subsample); 0 = all
+  c.evaluate.capability_root = ""
 
   c.kernels = ml_collections.ConfigDict()  # python -m dcr_jax.kernels
   c.kernels.n_per_group = 4  # prompts per group (seemingly toxic, toxic, general)

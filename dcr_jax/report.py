@@ -27,6 +27,7 @@ import numpy as np
 from etils import epath
 
 from dcr_jax.errors import UserError
+from dcr_jax.evaluate.capability import HEADLINE as CAPABILITY_HEADLINE, TASKS as CAPABILITY_TASKS
 from dcr_jax.evaluate.suites import SUITES, safety_score
 from dcr_jax.workdir_io import as_path, is_remote
 
@@ -94,15 +95,21 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
           + ["| " + " | ".join(map(_cell, row)) + " |" for row in rows])
 
 
-def table1(runs: Sequence[tuple[str, Mapping[str, Mapping[str, Any]]]], *, per_harmful: bool = False) -> list[str]:
-  """Table-1 lines for (run name, eval section) pairs: over-refusal compliance columns, Safety, and with
-  `per_harmful` each harmful suite's defense rate."""
+def table1(runs: Sequence[tuple[str, Mapping[str, Mapping[str, Any]]]], *, per_harmful: bool = False,
+           capability: Sequence[Mapping[str, Mapping[str, Any]]] | None = None) -> list[str]:
+  """Table-1 lines for (run name, eval section) pairs: over-refusal compliance columns, Safety, with `per_harmful`
+  each harmful suite's defense rate, and with `capability` (each run's report section) each general-capability
+  task's headline accuracy (acc_norm where the harness reports it, else acc)."""
   evals = [e for _, e in runs]
   over = _suites(evals, "over_refusal")
   harmful = _suites(evals, "harmful") if per_harmful else []
-  header = ["run", *over, "Safety", *harmful]
+  capability = list(capability or [{}] * len(runs))
+  tasks = [t for t in CAPABILITY_TASKS if any(t in c for c in capability)]
+  header = ["run", *over, "Safety", *harmful, *(f"{t} {CAPABILITY_HEADLINE[t]}" for t in tasks)]
   rows = [[name, *(_fmt(_rate(e, s, "compliance_rate")) for s in over), _fmt(_safety(name, e)),
-           *(_fmt(_rate(e, s, "refusal_rate")) for s in harmful)] for name, e in runs]
+           *(_fmt(_rate(e, s, "refusal_rate")) for s in harmful),
+           *(_fmt((c.get(t) or {}).get(CAPABILITY_HEADLINE[t])) for t in tasks)]
+          for (name, e), c in zip(runs, capability)]
   return _table(header, rows)
 
 
@@ -136,7 +143,7 @@ def report_markdown(workdir: str | os.PathLike, report: Mapping[str, Any]) -> st
     lines += ["## Evaluation", "",
               "Over-refusal suites: compliance rate (higher is better). Safety: mean defense (refusal) rate over the "
               "harmful suites, then each harmful suite's defense rate (higher is better).", ""]
-    lines += table1([(name, evals)], per_harmful=True)
+    lines += table1([(name, evals)], per_harmful=True, capability=[report.get("capability") or {}])
     lines += ["", "### Per suite", ""]
     lines += _table(["suite", "kind", "n", "refusal rate", "compliance rate", "mean refusal prob"],
                     [[s, _kind(s, m) or DASH, str(m.get("n", DASH)), _fmt(m.get("refusal_rate")),
@@ -147,6 +154,13 @@ def report_markdown(workdir: str | os.PathLike, report: Mapping[str, Any]) -> st
       lines += _table(["suite", "category", "n", "refusal rate", "compliance rate", "mean refusal prob"],
                       [[s, c, str(m.get("n", DASH)), _fmt(m.get("refusal_rate")), _fmt(m.get("compliance_rate")),
                         _prob(m.get("mean_refusal_prob"))] for s, cats in categorised.items() for c, m in cats.items()])
+    lines.append("")
+  capability = report.get("capability") or {}
+  if capability:
+    lines += ["## General capability", "", "lm-evaluation-harness conventions (log-likelihood of each choice; acc_norm "
+              "divides by the choice's length in characters).", ""]
+    lines += _table(["task", "n", "acc", "acc_norm"], [[t, str(m.get("n", DASH)), _fmt(m.get("acc"), 3),
+                                                        _fmt(m.get("acc_norm"), 3)] for t, m in capability.items()])
     lines.append("")
   kernels = report.get("kernels")
   if kernels:
@@ -178,8 +192,10 @@ def _runs(workdirs: Sequence[str | os.PathLike]) -> list[tuple[str, dict]]:
 
 
 def merge(workdirs: Sequence[str | os.PathLike]) -> str:
-  """One Table-1-style Markdown table, a row per workdir: over-refusal compliance columns, then Safety."""
-  return "\n".join(table1(_runs(workdirs))) + "\n"
+  """One Table-1-style Markdown table, a row per workdir: over-refusal compliance columns, Safety, then the
+  general-capability tasks any run evaluated."""
+  capability = [load_report(w).get("capability") or {} for w in workdirs]
+  return "\n".join(table1(_runs(workdirs), capability=capability)) + "\n"
 
 
 def plot(workdirs: Sequence[str | os.PathLike], path: str | os.PathLike) -> Path:

@@ -12,6 +12,7 @@ import ml_collections
 
 from dcr_jax.data.batching import parse_selectors
 from dcr_jax.errors import UserError
+from dcr_jax.evaluate.capability import check_tasks
 from dcr_jax.evaluate.refusal import make_judge
 from dcr_jax.evaluate.suites import get_suite
 from dcr_jax.kernels.ntk import KINDS as KERNEL_PARAMS, METHODS as KERNEL_METHODS
@@ -134,6 +135,9 @@ class EvaluateSpec:
   top_p: float
   judge: str
   refusal_prob: bool
+  capability: tuple[str, ...]  # general-capability tasks (none = not evaluated)
+  capability_n: int | None  # questions per task; None = all
+  capability_root: str | None  # the tasks' data folder; None = dcr_jax.evaluate.capability's default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,7 +314,17 @@ def _evaluate(c: ml_collections.ConfigDict) -> EvaluateSpec:
   ec = c.evaluate
   make_judge(ec.judge)  # the judge spec is checked here; the judge itself is made by the stage
   required = Stage.EVALUATE in _items(c.stages, "stages")
-  return EvaluateSpec(suites=_suites(ec.suites, ec.n, required),
+  root = ec.capability_root or (f"{ec.data_root.rstrip('/')}/capability" if ec.data_root else None)
+  tasks = _items(ec.capability, "evaluate.capability")
+  if tasks and required:
+    try:
+      check_tasks(tasks, root)
+    except UserError as e:
+      raise UserError(f"config.evaluate.capability: {e}") from None
+  if ec.capability_n < 0:
+    _fail("evaluate.capability_n", ec.capability_n, "must be >= 0 (0 = every question)")
+  return EvaluateSpec(capability=tasks, capability_n=_count(ec.capability_n), capability_root=root,
+                      suites=_suites(ec.suites, ec.n, required),
                       data_root=ec.data_root or None, max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size,
                       bucket=ec.bucket, temperature=ec.temperature, top_p=ec.top_p, judge=ec.judge,
                       refusal_prob=ec.refusal_prob)

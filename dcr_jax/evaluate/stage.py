@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from dcr_jax.data.batching import load_spec_list
+from dcr_jax.evaluate.capability import HEADLINE, evaluate_capability
 from dcr_jax.evaluate.generate import generate
 from dcr_jax.evaluate.refusal import Judge, make_judge
 from dcr_jax.evaluate.refusal_prob import refusal_probability
@@ -182,6 +183,14 @@ def run(spec: Spec, data: EvaluateData, model, tokenizer, workdir: epath.PathLik
   over = [m["compliance_rate"] for m in results.values() if m["kind"] == "over_refusal"]
   summary = {"suites": len(results), "prompts": sum(m["n"] for m in results.values()),
              "safety": safety_score(results), "over_refusal_compliance": float(np.mean(over)) if over else None}
+  ec = spec.evaluate
+  if ec.capability:
+    scores = evaluate_capability(model, tokenizer, ec.capability, data_root=ec.capability_root, n=ec.capability_n,
+                                 seed=spec.seed, out_dir=as_path(workdir) / "eval", batch_size=ec.batch_size,
+                                 show_progress=jax.process_index() == 0)
+    for task, metrics in scores.items():
+      update_report(workdir, "capability", task, metrics)
+    summary["capability"] = {task: metrics[HEADLINE[task]] for task, metrics in scores.items()}
   update_report(workdir, "eval_summary", None, summary)
   return {"steps": 0, "final_loss": None, **summary}
 

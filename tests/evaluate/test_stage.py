@@ -17,6 +17,7 @@ from dcr_jax.evaluate.refusal_prob import refusal_probability
 from dcr_jax.model import Decoder, tiny
 from dcr_jax.pipeline import builtin_corpus
 from dcr_jax.weights.tokenizer import tiny_tokenizer
+from conftest import SHARED_DATA
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +154,33 @@ def test_sampled_rows_do_not_depend_on_where_a_run_resumed(setup, tmp_path):
   by_prompt = {r["prompt"]: r["generation"] for r in whole}
   assert {r["prompt"]: r["generation"] for r in resumed} == by_prompt
   assert len(set(by_prompt.values())) > 1
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "capability").is_dir(), reason="needs ../shared/data/capability")
+def test_capability_tasks_go_to_the_report(setup, tmp_path):
+  from dcr_jax.report import report_markdown
+
+  model, tokenizer, spec = setup
+  with_capability = spec(suites="demo-harmful:2", capability="arc_easy, piqa", capability_n=3,
+                         data_root=str(SHARED_DATA))
+  assert with_capability.evaluate.capability == ("arc_easy", "piqa")
+  summary = stage.run(with_capability, stage.load_data(with_capability), model, tokenizer, tmp_path)
+  report = json.loads((tmp_path / "report.json").read_text())
+  assert set(report["capability"]) == {"arc_easy", "piqa"}
+  for task, metrics in report["capability"].items():
+    assert metrics["n"] == 3 and 0 <= metrics["acc"] <= 1 and 0 <= metrics["acc_norm"] <= 1
+    assert summary["capability"][task] == metrics["acc_norm"]
+    assert len((tmp_path / "eval" / f"capability-{task}.jsonl").read_text().splitlines()) == 3
+  markdown = report_markdown(tmp_path, report)
+  assert "## General capability" in markdown and "arc_easy acc_norm" in markdown
+
+
+def test_capability_bad_input_is_one_line(setup, tmp_path):
+  _, _, spec = setup
+  with pytest.raises(Exception) as e:
+    spec(capability="arc_easy,hellaswag", data_root=str(SHARED_DATA))
+  assert "hellaswag" in str(e.value) and "mmlu" in str(e.value) and "\n" not in str(e.value)
+  with pytest.raises(Exception) as e:
+    spec(capability="piqa", capability_root=str(tmp_path))
+  assert "config.evaluate.capability" in str(e.value) and "missing file" in str(e.value)
+  assert "\n" not in str(e.value)
