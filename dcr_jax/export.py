@@ -35,7 +35,7 @@ from dcr_jax.model.layers import LoRAParam
 from dcr_jax.report import report_markdown, run_name
 from dcr_jax.spec import Spec, Stage
 from dcr_jax.weights import hf_config, resolve_source, stop_token_ids
-from dcr_jax.weights.gguf_writer import QUANTS, gguf_file_name, write_gguf
+from dcr_jax.weights.gguf_writer import QUANTS, check_expressible, gguf_file_name, write_gguf
 from dcr_jax.weights.sources import GGUFSource
 from dcr_jax.weights.loader import abstract_model, hf_layout, lora_adapters, merged_params
 from dcr_jax.weights.tables import weight_table
@@ -218,6 +218,8 @@ def export_model(spec: Spec, model: Decoder, tokenizer, out_dir: epath.PathLike,
   check_request(fmt, dtype, quant)
   if fmt == "peft" and not jax.tree.leaves(nnx.state(model, LoRAParam)):
     raise UserError("--format=peft: the model is a full fine-tune with no LoRA adapter; use --format=hf")
+  if fmt == "gguf":
+    check_expressible(model.config)
   out = Path(out_dir)
   if is_main_process():
     shutil.rmtree(out, ignore_errors=True)
