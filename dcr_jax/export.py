@@ -240,6 +240,18 @@ def export_model(spec: Spec, model: Decoder, tokenizer, out_dir: epath.PathLike,
   return out
 
 
+def _on_mesh(model: Decoder, mesh) -> Decoder:
+  """`model` with every array (adapters too) on its sharding over `mesh`; a process-local array goes through host
+  memory, which is how JAX places one value given by every process onto devices of many."""
+  def to_host(x):
+    local = isinstance(x, jax.Array) and x.is_fully_addressable
+    return np.asarray(x) if local and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+
+  graphdef, state = nnx.split(model)
+  state = jax.tree.map(to_host, state)
+  return nnx.merge(graphdef, parallel.shard_pytree(state, parallel.state_shardings(state, mesh)))
+
+
 def _source_gguf(spec: Spec) -> Path | None:
   """The GGUF the run's weights and tokenizer came from (its tokenizer metadata is copied), if any."""
   if spec.model.random_init or spec.model.tokenizer:
@@ -301,9 +313,7 @@ def export_run(workdir: epath.PathLike, out: epath.PathLike, fmt: str, *, stage:
   mesh = parallel.make_mesh(spec.mesh.data, spec.mesh.fsdp, spec.mesh.tensor)
   model, tokenizer = pipeline.build_model(spec, mesh)
   spec = spec.bind(model.config)
-  model = pipeline.restore_stage(spec, model, workdir, stage, step)
-  graphdef, state = nnx.split(model)  # every parameter (adapters too) on its sharding over the mesh
-  model = nnx.merge(graphdef, parallel.shard_pytree(state, parallel.state_shardings(state, mesh)))
+  model = _on_mesh(pipeline.restore_stage(spec, model, workdir, stage, step), mesh)
   return export_model(spec, model, tokenizer, out, fmt, workdir=workdir, checkpoint=f"{stage} step {step}",
                       dtype=dtype, quant=quant, max_shard_size=max_shard_size)
 
