@@ -108,6 +108,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluate.capability_n = 100  # questions per task (seeded subsample); 0 = all
   c.evaluate.capability_root = ""
 
+  c.export = ml_collections.ConfigDict()  # the aligned model out at the end of a run: DIR/export/<format>/
+  c.export.formats = ""  # comma list of hf, peft (LoRA runs), gguf; "" = none (python -m dcr_jax.export does it later)
+  c.export.dtype = "float32"  # hf / peft: float32 | bfloat16 | float16
+  c.export.quant = "f32"  # gguf: f32 | f16 | q8_0
+  c.export.max_shard_size = "5GB"  # hf safetensors shards, as transformers splits them
+
   c.kernels = ml_collections.ConfigDict()  # python -m dcr_jax.kernels
   c.kernels.n_per_group = 4  # prompts per group (seemingly toxic, toxic, general)
   c.kernels.top_k = 10  # |S|: top-k tokens of the base model's first-token distribution

@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import ml_dtypes
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -29,7 +29,7 @@ from safetensors.numpy import save_file
 from dcr_jax import checkpoints, parallel, pipeline
 from dcr_jax import spec as spec_lib
 from dcr_jax.config import base_config
-from dcr_jax.errors import UserError
+from dcr_jax.errors import UserError, run_command
 from dcr_jax.model import Decoder
 from dcr_jax.model.layers import LoRAParam
 from dcr_jax.report import report_markdown, run_name
@@ -318,37 +318,41 @@ def export_run(workdir: epath.PathLike, out: epath.PathLike, fmt: str, *, stage:
                       dtype=dtype, quant=quant, max_shard_size=max_shard_size)
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A dcr_jax.main run directory (local path or gs://…).")
-_OUT = flags.DEFINE_string("out", None, "Directory to write (local); must be empty unless --overwrite.")
-_FORMAT = flags.DEFINE_string("format", "hf", "hf | peft | gguf")
-_STAGE = flags.DEFINE_string("stage", None, "align | refine (default: align if it has a checkpoint, else refine).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest kept).")
-_DTYPE = flags.DEFINE_string("dtype", "float32", "hf/peft tensor dtype: float32 | bfloat16 | float16.")
-_QUANT = flags.DEFINE_string("quant", "f32", "gguf tensor type: f32 | f16 | q8_0.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.")
-_MAX_SHARD = flags.DEFINE_string("max_shard_size", "5GB", "hf: largest safetensors file (transformers' default).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "Multi-process: host:port of process 0.")
-_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Multi-process: number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-process: this process's index.")
+def _define_flags() -> dict:
+  """The command line's flags, defined only when run as a program (so the pipeline can import this module)."""
+  return {
+      "workdir": flags.DEFINE_string("workdir", None, "A dcr_jax.main run directory (local path or gs://…)."),
+      "out": flags.DEFINE_string("out", None, "Directory to write (local); must be empty unless --overwrite."),
+      "format": flags.DEFINE_string("format", "hf", "hf | peft | gguf"),
+      "stage": flags.DEFINE_string("stage", None, "align | refine (default: align if it has a checkpoint, else "
+                                   "refine)."),
+      "step": flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest kept)."),
+      "dtype": flags.DEFINE_string("dtype", "float32", "hf/peft tensor dtype: float32 | bfloat16 | float16."),
+      "quant": flags.DEFINE_string("quant", "f32", "gguf tensor type: f32 | f16 | q8_0."),
+      "overwrite": flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out."),
+      "max_shard_size": flags.DEFINE_string("max_shard_size", "5GB", "hf: largest safetensors file (transformers' "
+                                            "default)."),
+      "coordinator_address": flags.DEFINE_string("coordinator_address", "", "Multi-process: host:port of process 0."),
+      "num_processes": flags.DEFINE_integer("num_processes", 1, "Multi-process: number of processes."),
+      "process_id": flags.DEFINE_integer("process_id", 0, "Multi-process: this process's index."),
+  }
 
 
 def main(argv):
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  if len(argv) > 1 or not _WORKDIR.value or not _OUT.value:
+  f = {name: flag.value for name, flag in _FLAGS.items()}
+  if len(argv) > 1 or not f["workdir"] or not f["out"]:
     print("error: give --workdir=DIR and --out=OUT (and no other arguments)", file=sys.stderr)
     sys.exit(2)
-  try:
-    out = export_run(_WORKDIR.value, _OUT.value, _FORMAT.value, stage=_STAGE.value, step=_STEP.value,
-                     dtype=_DTYPE.value, quant=_QUANT.value, overwrite=_OVERWRITE.value,
-                     max_shard_size=parse_size(_MAX_SHARD.value),
-                     distributed={"coordinator_address": _COORDINATOR.value, "num_processes": _PROCESSES.value,
-                                  "process_id": _PROCESS_ID.value})
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(f"done: {out} ({_FORMAT.value})")
+
+  def body() -> str:
+    out = export_run(f["workdir"], f["out"], f["format"], stage=f["stage"], step=f["step"], dtype=f["dtype"],
+                     quant=f["quant"], overwrite=f["overwrite"], max_shard_size=parse_size(f["max_shard_size"]),
+                     distributed={k: f[k] for k in ("coordinator_address", "num_processes", "process_id")})
+    return f"done: {out} ({f['format']})"
+
+  run_command(body)
 
 
 if __name__ == "__main__":
+  _FLAGS = _define_flags()
   app.run(main)

@@ -8,20 +8,21 @@ import time
 from typing import Any, Callable
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from etils import epath
 from flax import nnx
 from ml_collections import config_flags
 
 from dcr_jax import spec as spec_lib
-from dcr_jax import parallel, pipeline
+from dcr_jax import checkpoints, export, parallel, pipeline
 from dcr_jax.spec import Spec, Stage
-from dcr_jax.errors import UserError
+from dcr_jax.errors import run_command
 from dcr_jax.evaluate import stage as evaluate
 from dcr_jax.model import Decoder
 from dcr_jax.report import write_report_md
 from dcr_jax.train import align, refine
 from dcr_jax.train.loop import MetricsWriter, TrainContext
+from dcr_jax.weights.gguf_writer import check_expressible
 from dcr_jax.workdir_io import check_workdir, is_main_process, update_report
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Pipeline config file (e.g. configs/gemma.py:gemma3-270m).")
@@ -78,6 +79,9 @@ def run(config, workdir: epath.Path) -> dict:
   model, tokenizer = pipeline.build_model(spec, mesh)
   spec = spec.bind(model.config)
   prepared = {stage: STAGES[stage].prepare(spec, tokenizer) for stage in spec.stages}
+  if "gguf" in spec.export.formats:
+    check_expressible(model.config)  # before anything is trained or written
+  max_shard = export.parse_size(spec.export.max_shard_size) if spec.export.formats else None
   validate = evaluate.validator(evaluate.load_validation(spec), tokenizer) if spec.training_stages else None
   pipeline.prepare_workdir(workdir, config)
   session = Session(tokenizer=tokenizer, workdir=workdir, train=TrainContext(
@@ -94,6 +98,14 @@ def run(config, workdir: epath.Path) -> dict:
     summary["seconds"] = round(time.time() - started, 2)
     summary = _add_earlier_invocations(report.get("stages", {}).get(stage), summary)
     report = update_report(workdir, "stages", stage, summary)
+  if spec.export.formats:
+    last = (spec.training_stages or ("align" if checkpoints.kept_steps(workdir, "align") else "refine",))[-1]
+    label = f"{last} step {(checkpoints.kept_steps(workdir, last) or [0])[-1]}"
+    for fmt in spec.export.formats:
+      out = export.export_model(spec, model, tokenizer, workdir / "export" / fmt, fmt, workdir=workdir,
+                                checkpoint=label, dtype=spec.export.dtype, quant=spec.export.quant,
+                                max_shard_size=max_shard)
+      report = update_report(workdir, "export", fmt, str(out))
   if is_main_process():
     write_report_md(workdir)
   return report
@@ -116,19 +128,17 @@ def _count_params(model) -> int:
 
 
 def main(argv):
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # keep backend-probing INFO lines off the terminal
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _CONFIG.value is None or not _WORKDIR.value:
     print("error: both --config=FILE[:VARIANT] and --workdir=DIR are required", file=sys.stderr)
     sys.exit(2)
-  try:
+
+  def body() -> str:
     report = run(_CONFIG.value, check_workdir(_WORKDIR.value))
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(f"done: {epath.Path(_WORKDIR.value) / 'report.json'} ({', '.join(report.get('stages', {}))})")
+    return f"done: {epath.Path(_WORKDIR.value) / 'report.json'} ({', '.join(report.get('stages', {}))})"
+
+  run_command(body)
 
 
 if __name__ == "__main__":

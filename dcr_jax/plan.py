@@ -28,14 +28,14 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from dcr_jax import spec as spec_lib  # noqa: E402
 from dcr_jax import parallel  # noqa: E402
 from dcr_jax.spec import TRAINING_STAGES, Spec  # noqa: E402
-from dcr_jax.errors import UserError  # noqa: E402
+from dcr_jax.errors import UserError, run_command  # noqa: E402
 from dcr_jax.model import Decoder  # noqa: E402
 from dcr_jax.pipeline import STAGE_PROGRAMS as PROGRAMS  # noqa: E402
 from dcr_jax.train.loop import StageProgram  # noqa: E402
@@ -142,27 +142,26 @@ def _gib(n: int) -> str:
 
 
 def main(argv):
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  if _FLAGS['config'].value is None:
+  if _FLAGS["config"].value is None:
     print("error: --config=FILE[:VARIANT] is required", file=sys.stderr)
     sys.exit(2)
-  try:
-    result = plan(_FLAGS['config'].value, _FLAGS['devices'].value)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(f"{result['model']} on {result['devices']} devices, mesh {result['mesh']}, remat={result['remat']}, "
-        f"scan_layers={result['scan_layers']}")
-  print("| stage | params | optimizer | temporaries | peak (args + temps) | TFLOP/step | compile s |")
-  print("|---|---|---|---|---|---|---|")
-  for stage, r in result["stages"].items():
-    print(f"| {stage} | {_gib(r['params_bytes'])} | {_gib(r['optimizer_bytes'])} | {_gib(r['temp_bytes'])} | "
-          f"{_gib(r['peak_bytes_estimate'])} | {r['flops_per_step'] / 1e12:.2f} | {r['compile_seconds']} |")
-  print("(bytes are per device)")
-  if _FLAGS['out'].value:
-    with open(_FLAGS['out'].value, "w", encoding="utf-8") as f:
-      json.dump(result, f, indent=2)
+
+  def body() -> str:
+    result = plan(_FLAGS["config"].value, _FLAGS["devices"].value)
+    if _FLAGS["out"].value:
+      with open(_FLAGS["out"].value, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    return "\n".join([
+        f"{result['model']} on {result['devices']} devices, mesh {result['mesh']}, remat={result['remat']}, "
+        f"scan_layers={result['scan_layers']}",
+        "| stage | params | optimizer | temporaries | peak (args + temps) | TFLOP/step | compile s |",
+        "|---|---|---|---|---|---|---|",
+        *(f"| {stage} | {_gib(r['params_bytes'])} | {_gib(r['optimizer_bytes'])} | {_gib(r['temp_bytes'])} | "
+          f"{_gib(r['peak_bytes_estimate'])} | {r['flops_per_step'] / 1e12:.2f} | {r['compile_seconds']} |"
+          for stage, r in result["stages"].items()),
+        "(bytes are per device)"])
+
+  run_command(body)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from dcr_jax.evaluate.suites import get_suite
 from dcr_jax.kernels.ntk import KINDS as KERNEL_PARAMS, METHODS as KERNEL_METHODS
 from dcr_jax.model import ModelConfig, get_variant, tiny
 from dcr_jax.model.lora import TARGETS as LORA_TARGETS
+from dcr_jax.weights.gguf_writer import QUANTS as GGUF_QUANTS
 
 class Stage(enum.StrEnum):
   DEMO = "demo"
@@ -153,6 +154,18 @@ class KernelsSpec:
   max_len: int
 
 
+EXPORT_FORMATS = ("hf", "peft", "gguf")
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSpec:
+  formats: tuple[str, ...]  # written to DIR/export/<format>/ at the end of a run; () = none
+  dtype: str
+  quant: str
+  max_shard_size: str
+
+
 @dataclasses.dataclass(frozen=True)
 class DistributedSpec:
   coordinator_address: str  # host:port of process 0; "" on one host or a TPU pod (auto-detected)
@@ -176,6 +189,7 @@ class Spec:
   checkpoint_keep: int
   evaluate: EvaluateSpec
   kernels: KernelsSpec
+  export: ExportSpec
   distributed: DistributedSpec
   demo_prompts: tuple[str, ...]
   demo_max_new_tokens: int
@@ -341,6 +355,21 @@ def _kernels(c: ml_collections.ConfigDict) -> KernelsSpec:
                      max_len=kc.max_len)
 
 
+def _export(c: ml_collections.ConfigDict) -> ExportSpec:
+  xc = c.export
+  formats = _items(xc.formats, "export.formats")
+  unknown = [f for f in formats if f not in EXPORT_FORMATS]
+  if unknown:
+    _fail("export.formats", xc.formats, f"names unknown {unknown}; choose among {', '.join(EXPORT_FORMATS)}")
+  if xc.dtype not in EXPORT_DTYPES:
+    _fail("export.dtype", xc.dtype, f"is unknown; choose {', '.join(EXPORT_DTYPES)}")
+  if xc.quant not in GGUF_QUANTS:
+    _fail("export.quant", xc.quant, f"is a type the GGUF writer cannot produce; choose {', '.join(GGUF_QUANTS)}")
+  if "peft" in formats and c.align.lora_rank == 0:
+    _fail("export.formats", xc.formats, "asks peft of a full fine-tune (align.lora_rank=0); use hf")
+  return ExportSpec(formats=formats, dtype=xc.dtype, quant=xc.quant, max_shard_size=xc.max_shard_size)
+
+
 def _data(c: ml_collections.ConfigDict) -> DataSpec:
   d = c.data
   lists = {k: _sources(d[k], f"data.{k}") for k in ("toxic", "seemingly_toxic", "benign_class", "general", "harmful",
@@ -370,7 +399,7 @@ def resolve(config: ml_collections.ConfigDict) -> Spec:
       mesh=MeshSpec(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, config.mesh.constrain_activations),
       data=_data(config), refine=_refine(config, arch.num_layers), align=_align(config),
       checkpoint_every=config.checkpoint.every, checkpoint_keep=config.checkpoint.keep, evaluate=_evaluate(config),
-      kernels=_kernels(config), distributed=DistributedSpec(**config.distributed.to_dict()), demo_prompts=tuple(config.demo.prompts),
+      kernels=_kernels(config), export=_export(config), distributed=DistributedSpec(**config.distributed.to_dict()), demo_prompts=tuple(config.demo.prompts),
       demo_max_new_tokens=config.demo.max_new_tokens)
 
 

@@ -55,7 +55,7 @@ def test_tiny_demo_writes_report_and_rerun_rejects_changed_config(tmp_path):
 
 def test_tiny_pipeline_trains_evaluates_and_reevaluates(tmp_path):
   workdir = tmp_path / "dcr"
-  result = run_main("--config=configs/tiny.py", f"--workdir={workdir}")
+  result = run_main("--config=configs/tiny.py", "--config.export.formats=hf", f"--workdir={workdir}")
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((workdir / "report.json").read_text())
   assert set(report["stages"]) == {"refine", "align", "evaluate"}
@@ -67,8 +67,13 @@ def test_tiny_pipeline_trains_evaluates_and_reevaluates(tmp_path):
   probe = report["stages"]["refine"]["probe"]
   assert probe["after"]["across"] < probe["before"]["across"]  # the classes moved apart at layer ℓ
   assert report["eval"]["demo-harmful"]["n"] == 16 and (workdir / "report.md").is_file()
+  exported = workdir / "export" / "hf"  # the aligned model, LoRA merged, as transformers reads it
+  assert report["export"]["hf"] == str(exported) and (exported / "model.safetensors").is_file()
+  assert json.loads((exported / "config.json").read_text())["model_type"] == "gemma3_text"
+  assert "align step 30" in (exported / "README.md").read_text()
   before = (workdir / "eval" / "demo-harmful.jsonl").read_text()
-  again = run_main("--config=configs/tiny.py", "--config.stages=evaluate", f"--workdir={workdir}")
+  again = run_main("--config=configs/tiny.py", "--config.stages=evaluate", "--config.export.formats=hf",
+                   f"--workdir={workdir}")
   assert again.returncode == 0, again.stderr[-3000:]
   rerun = json.loads((workdir / "report.json").read_text())["stages"]
   assert rerun["evaluate"]["seconds"] >= report["stages"]["evaluate"]["seconds"]  # a total, not the re-run's time

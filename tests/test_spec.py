@@ -50,6 +50,13 @@ def test_bind_resolves_the_layer_against_the_loaded_depth():
   assert spec.refine.layers == (3,)  # the original is a value, unchanged
 
 
+def test_peft_export_of_a_full_fine_tune_is_refused():
+  config = tiny_config(export__formats="peft")
+  config.align.lora_rank = 0
+  with pytest.raises(UserError, match="asks peft of a full fine-tune"):
+    resolve(config)
+
+
 @pytest.mark.parametrize("key, value, needle", [
     ("refine__layer", "abc", "config.refine.layer='abc'"),
     ("refine__layer", "0", "config.refine.layer='0' is out of range; use 1..6"),
@@ -64,6 +71,8 @@ def test_bind_resolves_the_layer_against_the_loaded_depth():
     ("kernels__method", "fd", "config.kernels.method='fd' is unknown"),
     ("data__toxic", "builtin:toxic@5:2", "empty row selection"),
     ("model__dtype", "float16", "config.model.dtype='float16'"),
+    ("export__formats", "hf, onnx", "config.export.formats='hf, onnx' names unknown ['onnx']"),
+    ("export__quant", "q4_k", "config.export.quant='q4_k' is a type the GGUF writer cannot produce"),
 ])
 def test_bad_values_are_one_line_errors(key, value, needle):
   with pytest.raises(UserError) as e:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from dcr_jax.errors import UserError
+from dcr_jax.errors import run_command
 from dcr_jax.kernels.track import track
 from dcr_jax.workdir_io import check_workdir
 
@@ -23,19 +23,17 @@ _COMPARE = flags.DEFINE_string("compare", "", "Other workdirs (comma-separated) 
 
 
 def main(argv):
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
   if len(argv) > 1 or _CONFIG.value is None or not _WORKDIR.value:
     print("error: give --config=FILE[:VARIANT] and --workdir=DIR (and no other arguments)", file=sys.stderr)
     sys.exit(2)
-  try:
+
+  def body() -> str:
     workdir = check_workdir(_WORKDIR.value)
     result = track(_CONFIG.value, workdir, _CHECKPOINTS.value,
                    [check_workdir(p.strip()) for p in _COMPARE.value.split(",") if p.strip()])
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(f"done: {len(result['entries'])} checkpoints in {workdir / 'kernels' / 'similarity.json'}")
+    return f"done: {len(result['entries'])} checkpoints in {workdir / 'kernels' / 'similarity.json'}"
+
+  run_command(body)
 
 
 if __name__ == "__main__":
