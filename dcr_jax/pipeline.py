@@ -14,7 +14,7 @@ from flax import nnx
 from dcr_jax import checkpoints, parallel
 from dcr_jax.spec import TRAINING_STAGES, Spec
 from dcr_jax.errors import UserError
-from dcr_jax.model import Decoder, stack_layers
+from dcr_jax.model import Decoder
 from dcr_jax.train import align, refine
 from dcr_jax.weights import embedded_gguf_path, load_model, load_tokenizer
 from dcr_jax.weights.sources import GGUFSource
@@ -47,10 +47,9 @@ def build_model(spec: Spec, mesh=None) -> tuple[Decoder, object]:
       tokenizer = load_tokenizer(GGUFSource(embedded_gguf_path()), m.tokenizer or None, m.chat_template)
   else:
     model, tokenizer = load_model(m.weights or m.name, place=place, dtype=m.dtype, tokenizer=m.tokenizer or None,
-                                  chat_template=m.chat_template, progress=is_main_process())
+                                  chat_template=m.chat_template, scan_layers=m.scan_layers,
+                                  progress=is_main_process())
     model.config = model.config.replace(remat=m.remat)
-    if m.scan_layers:
-      model = stack_layers(model, place=place)
   if spec.mesh.constrain_activations and mesh is not None:
     model.constrain_activations = parallel.activation_constraint(mesh)
   return model, tokenizer

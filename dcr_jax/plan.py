@@ -88,7 +88,8 @@ def plan_stage(stage: StageProgram, spec: Spec, mesh) -> dict:
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0)) * mesh.size
+  # XLA counts a loop body once: stage 2's microbatch loop (align.grad_accum) runs its body that many times
+  flops = float(cost.get("flops", 0.0)) * mesh.size * (spec.align.grad_accum if stage.name == "align" else 1)
   if architecture.scan_layers:
     depth = max(spec.refine.layers) if stage.name == "refine" else architecture.num_layers
     flops = _scanned_flops(stage.name, spec, mesh, depth)

@@ -101,13 +101,15 @@ def load_tokenizer(source: GGUFSource | SafetensorsSource, tokenizer: str | None
 
 
 def load_model(spec: str = EMBEDDED_VARIANT, *, place: Placement = None, dtype: str | None = None,
-               tokenizer: str | None = None, chat_template: str | None = None,
+               tokenizer: str | None = None, chat_template: str | None = None, scan_layers: bool = False,
                progress: bool = True) -> tuple[Decoder, object]:
   """(model, tokenizer) from a variant name, a GGUF file or an HF directory; `place` shards each tensor on load;
-  `chat_template` (a Jinja string) replaces the tokenizer's own."""
+  `scan_layers` loads straight into the stacked layout; `chat_template` (a Jinja string) replaces the tokenizer's
+  own."""
   cfg, source = resolve_source(spec)
   if dtype:
     cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
+  cfg = cfg.replace(scan_layers=scan_layers)
   model = load_params(cfg, source, place=place, progress=progress)
   return model, load_tokenizer(source, tokenizer, chat_template)
 

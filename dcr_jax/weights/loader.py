@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from dcr_jax.errors import UserError
 from dcr_jax.model import Decoder, ModelConfig
-from dcr_jax.model.decoder import stack_layers, unstack_layers
+from dcr_jax.model.decoder import unstack_layers
 from dcr_jax.model.lora import merged_kernel
 from dcr_jax.weights import hf_config
 from dcr_jax.weights.sources import GGUFSource, SafetensorsSource
@@ -50,29 +50,41 @@ def load_params(cfg: ModelConfig, source: GGUFSource | SafetensorsSource, *, pla
                 progress: bool = True) -> Decoder:
   """A Decoder whose params are read one tensor at a time from `source` and put directly where `place` says.
 
-  With `cfg.scan_layers` the per-layer tensors are stacked after loading (each stacked tensor then placed).
+  With `cfg.scan_layers` each stacked weight [L ...] is filled layer by layer in host memory and placed once, so the
+  per-layer and stacked copies of the model never coexist (peak: the params plus one stacked weight).
   """
-  if cfg.scan_layers:
-    return stack_layers(load_params(cfg.replace(scan_layers=False), source, place=place, progress=progress),
-                        place=place)
   graphdef, state = nnx.split(abstract_model(cfg))
   variables = dict(nnx.to_flat_state(state))
   flat = {path: var.get_value() for path, var in variables.items()}
   from_gguf = isinstance(source, GGUFSource)
   permuted = from_gguf and source.architecture in hf_config.GGUF_PERMUTED_QK
-  table = weight_table(cfg)
-  for entry in tqdm(table, desc=f"loading {source.path.name}", disable=not progress, leave=False):
+  per_layer = cfg.replace(scan_layers=False)
+
+  def read(entry: Entry, shape: tuple[int, ...]) -> np.ndarray:
+    """One source tensor in our layout, after checking its shape against ours."""
     name = entry.gguf if from_gguf else entry.hf
-    expected = flat[entry.path]
     raw = source.get(name)
-    wanted = tuple(expected.shape)[::-1] if entry.kind == LINEAR else tuple(expected.shape)
+    wanted = shape[::-1] if entry.kind == LINEAR else shape
     if tuple(raw.shape) != wanted:
       heads = f" ({entry.heads}={getattr(cfg, entry.heads)} x head_dim={cfg.head_dim})" if entry.heads else ""
       raise UserError(f"{source.path}: tensor {name!r} has shape {tuple(raw.shape)}, expected {wanted}{heads} "
                       "for this config")
-    value = _to_ours(raw, entry, from_gguf=from_gguf, permuted=permuted, cfg=cfg)
-    target = place(entry.path, variables[entry.path].logical_axes, shape=expected.shape) if place else None
-    flat[entry.path] = jax.device_put(value.astype(expected.dtype), target)
+    return _to_ours(raw, entry, from_gguf=from_gguf, permuted=permuted, cfg=per_layer)
+
+  groups: dict[tuple, list[Entry]] = {}  # our path -> its entries (one per layer when stacked)
+  for entry in weight_table(per_layer):
+    stacked = cfg.scan_layers and entry.path[0] == "layers"
+    groups.setdefault(("layers", *entry.path[2:]) if stacked else entry.path, []).append(entry)
+  for path, entries in tqdm(groups.items(), desc=f"loading {source.path.name}", disable=not progress, leave=False):
+    expected = flat[path]
+    if len(entries) == 1 and not (cfg.scan_layers and path[0] == "layers"):
+      value = read(entries[0], tuple(expected.shape)).astype(expected.dtype, copy=False)
+    else:
+      value = np.empty(expected.shape, expected.dtype)
+      for layer, entry in enumerate(entries):
+        value[layer] = read(entry, tuple(expected.shape[1:]))
+    target = place(path, variables[path].logical_axes, shape=expected.shape) if place else None
+    flat[path] = jax.device_put(value, target)
   missing = [p for p, v in flat.items() if isinstance(v, jax.ShapeDtypeStruct)]
   if missing:
     raise UserError(f"{source.path}: no source tensor for parameters {missing[:3]}")

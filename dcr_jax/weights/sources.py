@@ -40,13 +40,22 @@ class GGUFSource:
       out[key] = value
     return out
 
+  CHUNK_VALUES = 1 << 22  # values dequantized at a time
+
   def get(self, name: str) -> np.ndarray:
     import gguf
 
     if name not in self.tensors:
       raise UserError(f"{self.path}: tensor {name!r} is missing; is this a GGUF of the expected architecture?")
     t = self.tensors[name]
-    return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+    if t.data.ndim < 2:
+      return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+    first = np.asarray(gguf.quants.dequantize(t.data[:1], t.tensor_type), dtype=np.float32)
+    out = np.empty((t.data.shape[0], *first.shape[1:]), np.float32)
+    rows = max(1, self.CHUNK_VALUES // max(first.size, 1))
+    for start in range(0, len(out), rows):  # in row chunks: dequantizing makes temporaries several times its output
+      out[start:start + rows] = gguf.quants.dequantize(t.data[start:start + rows], t.tensor_type)
+    return out
 
 
 class SafetensorsSource:
