@@ -65,7 +65,8 @@ STAGES = {
     Stage.REFINE: _training(refine),
     Stage.ALIGN: _training(align),
     Stage.EVALUATE: StageEntry(evaluate.load_data, lambda spec, data, model, session: (
-        model, evaluate.run(spec, data, model, session.tokenizer, session.workdir))),
+        model, evaluate.run(spec, data, model, session.tokenizer, session.workdir,
+                            model_id=_checkpoint_label(session.workdir)))),
 }
 
 
@@ -99,8 +100,7 @@ def run(config, workdir: epath.Path) -> dict:
     summary = _add_earlier_invocations(report.get("stages", {}).get(stage), summary)
     report = update_report(workdir, "stages", stage, summary)
   if spec.export.formats:
-    last = (spec.training_stages or ("align" if checkpoints.kept_steps(workdir, "align") else "refine",))[-1]
-    label = f"{last} step {(checkpoints.kept_steps(workdir, last) or [0])[-1]}"
+    label = _checkpoint_label(workdir).replace("-", " step ")
     for fmt in spec.export.formats:
       out = export.export_model(spec, model, tokenizer, workdir / "export" / fmt, fmt, workdir=workdir,
                                 checkpoint=label, dtype=spec.export.dtype, quant=spec.export.quant,
@@ -109,6 +109,15 @@ def run(config, workdir: epath.Path) -> dict:
   if is_main_process():
     write_report_md(workdir)
   return report
+
+
+def _checkpoint_label(workdir: epath.Path) -> str:
+  """The checkpoint the pipeline's model comes from at this point: `align-N`, else `refine-N`, else `base`."""
+  for stage in ("align", "refine"):
+    steps = checkpoints.kept_steps(workdir, stage)
+    if steps:
+      return f"{stage}-{steps[-1]}"
+  return "base"
 
 
 RESUMED_TOTALS = ("seconds", "train_seconds", "tokens")

@@ -10,6 +10,7 @@ per append: fine for the pipeline's JSON/JSONL files, which stay small). Object 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -112,3 +113,34 @@ def update_report(workdir: epath.PathLike, section: str, key: str | None, value)
     report.setdefault(section, {})[key] = value
   write_json(path, report)
   return report
+
+
+def read_rows(path: epath.PathLike) -> list[dict]:
+  """The JSON rows of a JSONL file (eval/*.jsonl) already written; a torn last line (crash mid-write) is dropped and the file truncated to the good part.
+  (A remote object is written whole, so it cannot be torn; a bad tail there is cut by rewriting the object.)"""
+  path = as_path(path)
+  if not path.is_file():
+    return []
+  data = path.read_bytes()
+  rows, good_bytes = [], 0
+  for line in io.BytesIO(data):  # split on b'\n' only, as iterating the file did
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      break
+    good_bytes += len(line)
+  if good_bytes != len(data):
+    if is_remote(path):
+      path.write_bytes(data[:good_bytes])
+    else:
+      with open(path, "r+b") as f:
+        f.truncate(good_bytes)
+  return rows
+
+
+def append_rows(path: epath.PathLike, rows: list[dict]) -> None:
+  """Appends rows to a JSONL file (fsync'd locally), by process 0 only (every process computes them). On gs://… the object is read and rewritten whole per batch
+  (object stores cannot append): O(rows so far) per batch, small next to a batch of generation."""
+  if jax.process_index() != 0:  # every process generates (the model is sharded); process 0 writes
+    return
+  append_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), fsync=True)

@@ -20,7 +20,6 @@ from etils.epath import backend as epath_backend
 from fsspec.implementations.memory import MemoryFileSystem
 
 from dcr_jax import checkpoints, pipeline, report, workdir_io
-from dcr_jax.evaluate import stage
 from dcr_jax.train import loop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,11 +162,11 @@ def scalars(data: bytes) -> list[tuple]:
 
 def test_eval_jsonl_on_gs_appends_by_rewrite_and_drops_a_torn_tail(gcs, monkeypatch):
   path = epath.Path(RUN) / "eval" / "demo.jsonl"
-  stage._append(path, [{"prompt": "a"}])
-  stage._append(path, [{"prompt": "b"}, {"prompt": "c"}])
-  assert [r["prompt"] for r in stage._done_rows(path)] == ["a", "b", "c"]
+  workdir_io.append_rows(path, [{"prompt": "a"}])
+  workdir_io.append_rows(path, [{"prompt": "b"}, {"prompt": "c"}])
+  assert [r["prompt"] for r in workdir_io.read_rows(path)] == ["a", "b", "c"]
   path.write_text(text(gcs, str(path)) + '{"prompt": "to')
-  assert [r["prompt"] for r in stage._done_rows(path)] == ["a", "b", "c"]
+  assert [r["prompt"] for r in workdir_io.read_rows(path)] == ["a", "b", "c"]
   assert text(gcs, str(path)).splitlines() == ['{"prompt": "a"}', '{"prompt": "b"}', '{"prompt": "c"}']
 
 

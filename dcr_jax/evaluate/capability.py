@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from dcr_jax.errors import UserError
 from dcr_jax.evaluate.generate import bucket_length, left_pad
 from dcr_jax.evaluate.refusal_prob import _HEAD_CHUNK, continue_from, head_log_probs, prefill
-from dcr_jax.workdir_io import as_path, ensure_dir, write_text_atomic
+from dcr_jax.workdir_io import append_rows, as_path, ensure_dir, read_rows, write_text_atomic
 
 TASKS = ("mmlu", "arc_easy", "arc_challenge", "openbookqa", "piqa", "truthfulqa_mc1")
 # The metric papers and the Open LLM Leaderboard quote per task (normalised accuracy where the harness reports it).
@@ -296,9 +296,8 @@ def _row_key(question: dict, tag: str) -> str:
 def _resume(path, questions: list[dict], keys: list[str]) -> dict[str, dict]:
   """Stored rows of `questions` whose key still matches, by id; rows of those ids with another key are dropped
   from the file (rows of other questions stay)."""
-  from dcr_jax.evaluate.stage import _done_rows
 
-  rows = _done_rows(path)
+  rows = read_rows(path)
   key_of = {q["id"]: key for q, key in zip(questions, keys)}
   fresh = {r["id"]: r for r in rows if key_of.get(r["id"]) == r.get("key")}
   kept = [r for r in rows if r["id"] not in key_of or key_of[r["id"]] == r.get("key")]
@@ -311,7 +310,6 @@ def evaluate_task(model, tokenizer, name: str, questions: list[dict], *, out_pat
                   tag: str = "", show_progress: bool = True) -> dict:
   """{acc, acc_norm, n} of `model` on `questions` of task `name`; per-question rows are appended to `out_path`
   (JSONL) batch by batch and reused on a re-run when their key (format, `tag`, question) matches."""
-  from dcr_jax.evaluate.stage import _append
 
   if batch_size < 1:
     raise UserError(f"batch_size={batch_size}; use a positive batch size")
@@ -338,7 +336,7 @@ def evaluate_task(model, tokenizer, name: str, questions: list[dict], *, out_pat
       new.append({"id": question["id"], "key": key, "gold": question["gold"], "loglik": ll,
                   "chars": [len(c) for c in question["choices"]], **score(ll, question["choices"], question["gold"])})
     if out_path is not None:
-      _append(out_path, new)
+      append_rows(out_path, new)
     rows.update((r["id"], r) for r in new)
   scored = [rows[q["id"]] for q in questions]
   n = len(scored)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import time
 import zlib
@@ -29,7 +28,7 @@ from dcr_jax.evaluate.refusal_prob import refusal_probability
 from dcr_jax.evaluate.suites import get_suite, load_suite, safety_score, suite_metrics
 from dcr_jax.model import unstack_layers
 from dcr_jax.weights.tokenizer import encode_chat, stop_token_ids
-from dcr_jax.workdir_io import append_text, as_path, ensure_dir, is_remote, write_json, update_report
+from dcr_jax.workdir_io import append_rows, as_path, ensure_dir, is_remote, read_rows, update_report, write_json
 
 if TYPE_CHECKING:  # the spec is read, never built, here
   from dcr_jax.spec import Spec
@@ -51,45 +50,15 @@ def load_data(spec: Spec, tokenizer=None) -> EvaluateData:
   return EvaluateData(suites, make_judge(ec.judge))
 
 
-def _done_rows(path: epath.PathLike) -> list[dict]:
-  """Rows already written; a torn last line (crash mid-write) is dropped and the file truncated to the good part.
-  (A remote object is written whole, so it cannot be torn; a bad tail there is cut by rewriting the object.)"""
-  path = as_path(path)
-  if not path.is_file():
-    return []
-  data = path.read_bytes()
-  rows, good_bytes = [], 0
-  for line in io.BytesIO(data):  # split on b'\n' only, as iterating the file did
-    try:
-      rows.append(json.loads(line))
-    except json.JSONDecodeError:
-      break
-    good_bytes += len(line)
-  if good_bytes != len(data):
-    if is_remote(path):
-      path.write_bytes(data[:good_bytes])
-    else:
-      with open(path, "r+b") as f:
-        f.truncate(good_bytes)
-  return rows
-
-
-def _append(path: epath.PathLike, rows: list[dict]) -> None:
-  """Appends rows to the suite's JSONL (fsync'd locally). On gs://… the object is read and rewritten whole per batch
-  (object stores cannot append): O(rows so far) per batch, small next to a batch of generation."""
-  if jax.process_index() != 0:  # every process generates (the model is sharded); process 0 writes
-    return
-  append_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), fsync=True)
-
-
 ROW_SETTINGS = ("max_new_tokens", "temperature", "top_p", "judge", "refusal_prob")
 
 
-def row_settings(spec: Spec, name: str) -> dict:
-  """What shapes a suite's rows: the subsample (seed, n, data root), decoding and judging."""
+def row_settings(spec: Spec, name: str, model_id: str = "") -> dict:
+  """What shapes a suite's rows: the model evaluated (its checkpoint), the subsample (seed, n, data root), decoding
+  and judging."""
   ec = spec.evaluate
-  return {"suite": name, "seed": spec.seed, "n": dict(ec.suites).get(name), "data_root": ec.data_root,
-          **{key: getattr(ec, key) for key in ROW_SETTINGS}}
+  return {"suite": name, "model": model_id, "seed": spec.seed, "n": dict(ec.suites).get(name),
+          "data_root": ec.data_root, **{key: getattr(ec, key) for key in ROW_SETTINGS}}
 
 
 def row_seed(seed: int, suite: str, prompt: str) -> int:
@@ -131,15 +100,15 @@ def _move(source: epath.Path, target: epath.Path) -> None:
 
 
 def evaluate_suite(spec: Spec, model, tokenizer, workdir: epath.PathLike, name: str, records: list[dict], judge,
-                   show_progress: bool = True) -> list[dict]:
+                   show_progress: bool = True, model_id: str = "") -> list[dict]:
   """Rows for one suite (prompt, label, category, generation, refused, refusal_prob) of `records`, resuming
   DIR/eval/<name>.jsonl when it was written under the same settings (`row_settings`), else starting afresh."""
   ec = spec.evaluate
   path = as_path(workdir) / "eval" / f"{name}.jsonl"
   ensure_dir(path.parent)
-  _start_or_resume(path, row_settings(spec, name))
+  _start_or_resume(path, row_settings(spec, name, model_id))
   wanted = {r["prompt"] for r in records}
-  rows = [r for r in _done_rows(path) if r["prompt"] in wanted]
+  rows = [r for r in read_rows(path) if r["prompt"] in wanted]
   done = {r["prompt"] for r in rows}
   todo = [r for r in records if r["prompt"] not in done]
   if not todo:
@@ -166,18 +135,19 @@ def evaluate_suite(spec: Spec, model, tokenizer, workdir: epath.PathLike, name: 
     new = [{"prompt": r["prompt"], "label": r["label"], "category": r.get("category"), "generation": text,
             "refused": bool(verdict), "refusal_prob": None if p is None else float(p)}
            for r, text, verdict, p in zip(chosen, texts, refused, probs)]
-    _append(path, new)
+    append_rows(path, new)
     rows += new
   return rows
 
 
-def run(spec: Spec, data: EvaluateData, model, tokenizer, workdir: epath.PathLike) -> dict:
-  """Evaluates `model` on every suite; fills report.json's `eval` and returns the stage summary."""
+def run(spec: Spec, data: EvaluateData, model, tokenizer, workdir: epath.PathLike, model_id: str = "") -> dict:
+  """Evaluates `model` (`model_id` names its checkpoint, e.g. align-30, so rows of another model are never reused)
+  on every suite and capability task; fills report.json's `eval` and returns the stage summary."""
   model = unstack_layers(model)  # so that decoding does not slice stacked params at every step
   results = {}
   for name, records in data.suites.items():
     rows = evaluate_suite(spec, model, tokenizer, workdir, name, records, data.judge,
-                          show_progress=jax.process_index() == 0)
+                          show_progress=jax.process_index() == 0, model_id=model_id)
     results[name] = suite_metrics(get_suite(name).kind, rows)
     update_report(workdir, "eval", name, results[name])
   over = [m["compliance_rate"] for m in results.values() if m["kind"] == "over_refusal"]
@@ -187,7 +157,7 @@ def run(spec: Spec, data: EvaluateData, model, tokenizer, workdir: epath.PathLik
   if ec.capability:
     scores = evaluate_capability(model, tokenizer, ec.capability, data_root=ec.capability_root, n=ec.capability_n,
                                  seed=spec.seed, out_dir=as_path(workdir) / "eval", batch_size=ec.batch_size,
-                                 show_progress=jax.process_index() == 0)
+                                 tag=model_id, show_progress=jax.process_index() == 0)
     for task, metrics in scores.items():
       update_report(workdir, "capability", task, metrics)
     summary["capability"] = {task: metrics[HEADLINE[task]] for task, metrics in scores.items()}
