@@ -99,18 +99,6 @@ def test_plan_counts_the_lm_retention_term():
   assert with_lm["temp_bytes"] > without["temp_bytes"]  # and its full-depth activations and logits
 
 
-def test_plan_reads_spaced_lora_targets():
-  from dcr_jax.config import base_config
-  from dcr_jax.plan import plan
-
-  config = base_config()
-  config.model.name, config.model.random_init, config.stages = "tiny-gemma3", True, "align"
-  config.align.lora_targets = "q, v"
-  spaced = plan(config, devices=1)["stages"]["align"]
-  config.align.lora_targets = "q,v"
-  assert spaced == {**plan(config, devices=1)["stages"]["align"], "compile_seconds": spaced["compile_seconds"]}
-
-
 def test_plan_counts_every_microbatch():
   """XLA counts a loop body once; the planner multiplies stage 2's by align.grad_accum (same work, same FLOPs)."""
   from dcr_jax.config import base_config
