@@ -43,7 +43,10 @@ DEFAULT_GGUF = ("llama", "gemma3")  # permuted q/k and Gemma's w + 1 norms by de
 
 
 def train(workdir, *extra):
-  proc = subprocess.run([sys.executable, "-m", "dcr_jax.main", *TRAIN, *extra, f"--workdir={workdir}"], cwd=ROOT,
+  """Trains a workdir with TRAIN's settings; an `--config=FILE` in `extra` replaces the tiny config file."""
+  config = [arg for arg in extra if arg.startswith("--config=")] or TRAIN[:1]  # the file comes before its overrides
+  args = config + [arg for arg in TRAIN[1:] + list(extra) if not arg.startswith("--config=")]
+  proc = subprocess.run([sys.executable, "-m", "dcr_jax.main", *args, f"--workdir={workdir}"], cwd=ROOT,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return epath.Path(workdir)
@@ -232,7 +235,7 @@ def test_gemma3_270m_exports_load_in_transformers(lora_rank, tmp_path):
   continuations; the LoRA run's adapter on its base equals the merged export; its GGUF (tokenizer copied from the
   embedded file) reads back through our loader."""
   workdir = train(tmp_path / "run", "--config=configs/gemma.py", f"--config.align.lora_rank={lora_rank}",
-                  "--config.refine.batch_size=2", "--config.align.batch_size=2")
+                  "--config.refine.batch_size=4", "--config.align.batch_size=2")
   spec = resolve(export.run_config(workdir))
   base, tokenizer = pipeline.build_model(spec)
   spec = spec.bind(base.config)
@@ -240,14 +243,16 @@ def test_gemma3_270m_exports_load_in_transformers(lora_rank, tmp_path):
   out = export.export_run(workdir, tmp_path / "hf", "hf")
   ids = np.asarray([encode_chat(tokenizer, PROMPTS[0])[0]], np.int32)
   ours = np.asarray(model(ids))
-  assert np.abs(torch_logits(reference(out), ids) - ours).max() <= 1e-4
+  # float32 reassociation on logits up to ~85: 1.1e-4 (LoRA) and 1.9e-4 (full) measured; 1e-3 as for the 270m's
+  # own parity with transformers (tests/weights/test_gemma3_270m.py)
+  assert np.abs(torch_logits(reference(out), ids) - ours).max() <= 1e-3
   assert_same_generation(model, tokenizer, out, max_new_tokens=12)
   gguf = export.export_run(workdir, tmp_path / "gguf", "gguf") / "model-f32.gguf"
   back, back_tokenizer = load_model(str(gguf), progress=False)
-  assert np.abs(np.asarray(back(ids)) - ours).max() <= 1e-4
+  assert np.abs(np.asarray(back(ids)) - ours).max() <= 1e-3  # merged W + AB vs W x + (x A) B: 1.3e-4 measured
   assert back_tokenizer.encode(PROMPTS[0]) == tokenizer.encode(PROMPTS[0])
   if lora_rank:
     peft = pytest.importorskip("peft")
     adapter = export.export_run(workdir, tmp_path / "peft", "peft")
     adapted = peft.PeftModel.from_pretrained(reference(adapter / "base"), str(adapter)).eval()
-    assert np.abs(torch_logits(adapted, ids) - ours).max() <= 1e-4
+    assert np.abs(torch_logits(adapted, ids) - ours).max() <= 1e-3
