@@ -27,6 +27,15 @@ def kept_steps(workdir: epath.PathLike, stage: str) -> list[int]:
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
+def last_trained(workdir: epath.PathLike) -> tuple[str, int] | None:
+  """(stage, step) of a workdir's last trained model: the latest align checkpoint, else refine's; None when neither."""
+  for stage in ("align", "refine"):
+    steps = kept_steps(workdir, stage)
+    if steps:
+      return stage, steps[-1]
+  return None
+
+
 def manager(directory: epath.PathLike, keep: int) -> ocp.CheckpointManager:
   """Orbax manager keeping the last `keep` checkpoints; a save is committed atomically (tmp dir then rename).
   Orbax takes gs://… directly; only a local path is made absolute."""

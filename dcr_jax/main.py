@@ -113,11 +113,8 @@ def run(config, workdir: epath.Path) -> dict:
 
 def _checkpoint_label(workdir: epath.Path) -> str:
   """The checkpoint the pipeline's model comes from at this point: `align-N`, else `refine-N`, else `base`."""
-  for stage in ("align", "refine"):
-    steps = checkpoints.kept_steps(workdir, stage)
-    if steps:
-      return f"{stage}-{steps[-1]}"
-  return "base"
+  last = checkpoints.last_trained(workdir)
+  return "base" if last is None else f"{last[0]}-{last[1]}"
 
 
 RESUMED_TOTALS = ("seconds", "train_seconds", "tokens")

@@ -67,10 +67,8 @@ def restore_stage(spec: Spec, model: Decoder, workdir: epath.PathLike, stage: st
 
 def restore_trained(spec: Spec, model: Decoder, workdir: epath.PathLike) -> Decoder:
   """The last trained model of a workdir: its align checkpoint, else its refine one, else `model` unchanged."""
-  for stage in ("align", "refine"):
-    if checkpoints.kept_steps(workdir, stage):
-      return restore_stage(spec, model, workdir, stage)
-  return model
+  last = checkpoints.last_trained(workdir)
+  return model if last is None else restore_stage(spec, model, workdir, *last)
 
 
 TRAINING_KEYS = ("seed", "model", "data", "refine", "align")  # what a resumed run must keep unchanged
