@@ -17,7 +17,7 @@ from dcr_jax.model import Decoder, ModelConfig
 from dcr_jax.model.decoder import unstack_layers
 from dcr_jax.model.lora import merged_kernel
 from dcr_jax.weights import hf_config
-from dcr_jax.weights.sources import GGUFSource, SafetensorsSource
+from dcr_jax.weights.sources import GGUFSource, SafetensorsSource, aligned_empty
 from dcr_jax.weights.tables import LINEAR, NORM, Entry, weight_table
 
 # place(path, logical_axes, shape=...) -> where the tensor goes; None puts it on the default device
@@ -50,8 +50,9 @@ def load_params(cfg: ModelConfig, source: GGUFSource | SafetensorsSource, *, pla
                 progress: bool = True) -> Decoder:
   """A Decoder whose params are read one tensor at a time from `source` and put directly where `place` says.
 
-  With `cfg.scan_layers` each stacked weight [L ...] is filled layer by layer in host memory and placed once, so the
-  per-layer and stacked copies of the model never coexist (peak: the params plus one stacked weight).
+  With `cfg.scan_layers` each stacked weight [L ...] is filled layer by layer in one aligned host buffer and placed
+  once, so the per-layer and stacked copies of the model never coexist; a CPU device adopts such a buffer (and a
+  GGUF tensor's) without copying it.
   """
   graphdef, state = nnx.split(abstract_model(cfg))
   variables = dict(nnx.to_flat_state(state))
@@ -80,7 +81,7 @@ def load_params(cfg: ModelConfig, source: GGUFSource | SafetensorsSource, *, pla
     if len(entries) == 1 and not (cfg.scan_layers and path[0] == "layers"):
       value = read(entries[0], tuple(expected.shape)).astype(expected.dtype, copy=False)
     else:
-      value = np.empty(expected.shape, expected.dtype)
+      value = aligned_empty(expected.shape, expected.dtype)
       for layer, entry in enumerate(entries):
         value[layer] = read(entry, tuple(expected.shape[1:]))
     target = place(path, variables[path].logical_axes, shape=expected.shape) if place else None

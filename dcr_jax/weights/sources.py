@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import json
+import mmap
 from pathlib import Path
 
 import numpy as np
 
 from dcr_jax.errors import UserError
+
+ALIGNMENT = 64  # bytes: XLA's CPU client adopts a host buffer this aligned instead of copying it
+
+
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+  """An uninitialised host array starting on an ALIGNMENT-byte boundary: `jax.device_put` onto a CPU device adopts
+  it without a copy, so a loaded tensor never exists twice in host memory."""
+  nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+  start = -raw.ctypes.data % ALIGNMENT
+  return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 class GGUFSource:
@@ -51,11 +63,21 @@ class GGUFSource:
     if t.data.ndim < 2:
       return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
     first = np.asarray(gguf.quants.dequantize(t.data[:1], t.tensor_type), dtype=np.float32)
-    out = np.empty((t.data.shape[0], *first.shape[1:]), np.float32)
+    out = aligned_empty((t.data.shape[0], *first.shape[1:]), np.float32)
     rows = max(1, self.CHUNK_VALUES // max(first.size, 1))
     for start in range(0, len(out), rows):  # in row chunks: dequantizing makes temporaries several times its output
       out[start:start + rows] = gguf.quants.dequantize(t.data[start:start + rows], t.tensor_type)
+    self._release(t)
     return out
+
+  def _release(self, tensor) -> None:
+    """Drops the file pages of a read tensor from this process's resident memory (the OS page cache keeps them), so
+    that loading never holds the mapped file beside the params it became."""
+    mapped = getattr(self.reader.data, "_mmap", None)
+    if mapped is None or not hasattr(mapped, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+      return
+    start = tensor.data_offset - tensor.data_offset % mmap.PAGESIZE
+    mapped.madvise(mmap.MADV_DONTNEED, start, tensor.data_offset + tensor.n_bytes - start)
 
 
 class SafetensorsSource:

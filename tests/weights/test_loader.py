@@ -12,6 +12,7 @@ from flax import nnx
 from dcr_jax.model import stack_layers
 from dcr_jax.weights import export_hf, resolve_source
 from dcr_jax.weights.loader import load_params
+from dcr_jax.weights.sources import ALIGNMENT, aligned_empty
 from helpers import random_model
 
 
@@ -51,3 +52,13 @@ def test_multimodal_gemma3_names_load_as_the_plain_names(rename, tmp_path):
   assert cfg == resolve_source(str(plain))[0]
   chex.assert_trees_all_equal(params_of(load_params(cfg, source, progress=False)),
                               params_of(load_params(cfg, resolve_source(str(plain))[1], progress=False)))
+
+
+def test_host_buffers_are_adopted_by_the_cpu_device_without_a_copy():
+  """What keeps loading to one copy of each tensor on CPU: an aligned host buffer becomes the device array itself."""
+  host = aligned_empty((33, 7, 5), np.float32)
+  host[:] = np.arange(host.size, dtype=np.float32).reshape(host.shape)
+  assert host.ctypes.data % ALIGNMENT == 0
+  placed = jax.device_put(host)
+  assert placed.unsafe_buffer_pointer() == host.ctypes.data
+  np.testing.assert_array_equal(np.asarray(placed), np.arange(host.size, dtype=np.float32).reshape(host.shape))
