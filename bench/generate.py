@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
 
   hf_logging.set_verbosity_error()
   hf_logging.disable_progress_bar()
-  path = dcr_jax.weights.embedded_gguf_path()
+  path = dcr_jax.weights.embedded_gguf_path(args.model)
   t0 = time.perf_counter()
   hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
   load_torch_s = time.perf_counter() - t0
@@ -197,7 +197,7 @@ def main(argv=None) -> dict:
   total_s = time.perf_counter() - t_start
 
   print()
-  print(f"gemma-3-270m ({args.model}) greedy generation, float32, {args.batch} chat prompts of {min(lengths)}.."
+  print(f"{args.model} greedy generation, float32, {args.batch} chat prompts of {min(lengths)}.."
         f"{max(lengths)} tokens (ours padded to {padded_len}, HF to {width}), {n} new tokens each, no early stop; "
         f"warm-up 1 + median of {args.repeats} interleaved rounds; torch {args.threads} threads, "
         f"attn={hf.config._attn_implementation}")

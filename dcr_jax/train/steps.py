@@ -60,13 +60,18 @@ def make_refine_step(graphdef, optimizer, *, layers: Sequence[int], pooling: str
 def make_align_step(graphdef, optimizer, *, grad_accum: int = 1) -> Callable:
   """Stage 2: masked next-token CE on response tokens (f32 logits), token-weighted over `grad_accum` microbatches.
 
-  batch: tokens/targets/loss_mask/segments/positions [B T], B divisible by grad_accum.
+  batch: tokens/targets/loss_mask/segments/positions [B T], B divisible by grad_accum. With `loss_index`
+  [grad_accum·G K] (see `train.align.loss_index`) the head runs only at the loss positions it lists.
   """
 
   def summed_loss(params, state, micro):
     model = merge(graphdef, state.replace(params=params))
-    logits = model(micro["tokens"], micro["positions"], micro["segments"])
-    mean, count = masked_cross_entropy(logits, micro["targets"], micro["loss_mask"])
+    if "loss_index" in micro:
+      logits, targets, weights = response_logits(model, micro)
+    else:
+      logits = model(micro["tokens"], micro["positions"], micro["segments"])
+      targets, weights = micro["targets"], micro["loss_mask"]
+    mean, count = masked_cross_entropy(logits, targets, weights)
     return mean * count, count
 
   def step(state: TrainState, batch: dict):
@@ -84,6 +89,24 @@ def make_align_step(graphdef, optimizer, *, grad_accum: int = 1) -> Callable:
     return _apply(optimizer, state, grads, loss_sum * scale, {"tokens": tokens})
 
   return step
+
+
+def response_logits(model, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(logits [G K V], targets [G K], weights [G K]) at the positions `loss_index` [G K] lists: indices into each
+  group's flattened rows [(B/G)·T], -1 = padding (weight 0). The head and its backward run on G·K rows, not B·T."""
+  depth = model.config.num_layers
+  hidden = model(batch["tokens"], batch["positions"], batch["segments"], stop_at_layer=depth).hidden[depth]
+  index = batch["loss_index"]
+  groups = index.shape[0]
+  safe = jnp.maximum(index, 0)
+
+  def gathered(x):  # [B T ...] -> the listed positions [G K ...]
+    x = x.reshape(groups, -1, *x.shape[2:])
+    return jnp.take_along_axis(x, safe.reshape(safe.shape + (1,) * (x.ndim - 2)), axis=1)
+
+  logits = model.logits(model.final_norm(gathered(hidden)))
+  weights = jnp.where(index >= 0, gathered(batch["loss_mask"]), 0.0)
+  return logits, gathered(batch["targets"]), weights
 
 
 def compile_step(step: Callable, state_shardings, batch_shardings) -> Callable:
