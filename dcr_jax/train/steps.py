@@ -26,6 +26,9 @@ def pool(hidden: jax.Array, mask: jax.Array, how: str) -> jax.Array:
 
 def _apply(optimizer, state: TrainState, grads, loss, metrics):
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  # float32 scalars (clip scale, schedule) promote bfloat16 moments; keep each leaf's dtype so that the state keeps
+  # the shapes and dtypes it was compiled (and donated) with
+  opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), opt_state, state.opt_state)
   params = optax.apply_updates(state.params, updates)
   metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -129,6 +129,19 @@ def test_response_only_logits_equal_the_full_head(accum, group_rows):
   chex.assert_trees_all_close(sparse, full, atol=1e-6)
 
 
+def test_a_bfloat16_state_keeps_its_dtypes_across_steps():
+  """bf16 params: the optimizer's moments stay bf16 (no recompilation, the donated buffers are reused)."""
+  model = Decoder(tiny("gemma3").replace(dtype="bfloat16", param_dtype="bfloat16"), rngs=nnx.Rngs(0))
+  opt = make_optimizer(lr=1e-3, steps=4, warmup=0, weight_decay=0.01, clip=1.0)
+  graphdef, state = create_state(model, trainable_filter("full"), opt, seed=0)
+  batch = SFTMixture(sft_sources(), {"general": 1.0}, batch_size=2, max_len=16, seed=0).batch(0)
+  step = jax.jit(make_align_step(graphdef, opt)).lower(state, batch).compile()  # AOT: a dtype change would raise
+  dtypes = jax.tree.map(lambda x: x.dtype, state)
+  for _ in range(2):
+    state, metrics = step(state, batch)
+  assert jax.tree.map(lambda x: x.dtype, state) == dtypes and np.isfinite(float(metrics["loss"]))
+
+
 def test_loss_width_buckets_the_widest_group():
   counts = np.array([5, 9, 30, 3])
   assert loss_width(counts, group_rows=2, max_len=32) == 40  # groups hold 14 and 33 tokens; buckets of 64/8 = 8
