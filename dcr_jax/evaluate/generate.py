@@ -113,3 +113,21 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
                                      temperature=float(temperature), top_p=float(top_p))
   generated, lengths = np.asarray(generated), np.asarray(lengths)
   return [generated[i, :lengths[i]].tolist() for i in range(len(prompts))]
+
+
+DECODE_WEIGHTS = ("float32", "bfloat16")
+
+
+def with_decode_weights(model: Decoder, dtype: str) -> Decoder:
+  """A copy of `model` whose weight matrices (embedding, head, projections; not norms or biases) are stored in
+  `dtype`, activations unchanged: decode reads half the bytes per step with bfloat16, accumulating in float32."""
+  if dtype not in DECODE_WEIGHTS:
+    raise ValueError(f"decode weights {dtype!r}: choose one of {', '.join(DECODE_WEIGHTS)}")
+  graphdef, state = nnx.split(model)
+  narrow = jnp.dtype(dtype)
+
+  def cast(x):
+    floating = isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating)
+    return x.astype(narrow) if floating and x.ndim >= 2 and x.dtype.itemsize > narrow.itemsize else x
+
+  return nnx.merge(graphdef, jax.tree.map(cast, state))

@@ -11,7 +11,7 @@ from flax import nnx
 
 from dcr_jax.errors import UserError
 from dcr_jax.model.config import ModelConfig
-from dcr_jax.model.layers import Block, LayerSpec, RMSNorm, layer_specs, param
+from dcr_jax.model.layers import Block, LayerSpec, RMSNorm, layer_specs, matmul, param
 
 Array = jax.Array
 
@@ -162,16 +162,17 @@ class Decoder(nnx.Module):
     fused form.
     """
     rows = int(np.prod(x.shape[:-1]))
-    table = (self.embedding[...] if self.config.tie_embeddings else self.head[...].T).astype(x.dtype)  # [V D]
+    table = self.embedding[...] if self.config.tie_embeddings else self.head[...].T  # [V D]
+    narrow = jnp.dtype(table.dtype).itemsize < jnp.dtype(x.dtype).itemsize  # decode weights: read as stored
     if vocab_major:
       if x.ndim != 2:
         raise ValueError(f"vocab_major logits need hidden [N D], got shape {x.shape}")
-      logits = table @ x.T
-    elif decoding and rows <= _FEW_ROWS:
+      logits = matmul(x, table.T).T if narrow else table.astype(x.dtype) @ x.T
+    elif decoding and rows <= _FEW_ROWS and not narrow:
       flat = x.reshape(rows, 1, x.shape[-1])
-      logits = jnp.sum(table[None] * flat, axis=-1).reshape(*x.shape[:-1], -1)
+      logits = jnp.sum(table.astype(x.dtype)[None] * flat, axis=-1).reshape(*x.shape[:-1], -1)
     else:
-      logits = x @ table.T
+      logits = matmul(x, table.T)
     logits = logits.astype(jnp.promote_types(x.dtype, jnp.float32))
     if self.config.final_logit_softcap is not None:
       cap = self.config.final_logit_softcap
