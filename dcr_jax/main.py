@@ -20,6 +20,7 @@ from dcr_jax.errors import run_command
 from dcr_jax.evaluate import stage as evaluate
 from dcr_jax.model import Decoder
 from dcr_jax.report import write_report_md
+from dcr_jax.steer import stage as steer
 from dcr_jax.train import align, refine
 from dcr_jax.train.loop import MetricsWriter, TrainContext
 from dcr_jax.weights.gguf_writer import check_expressible
@@ -64,9 +65,12 @@ STAGES = {
         model, evaluate.run_demo(spec, model, session.tokenizer, session.workdir))),
     Stage.REFINE: _training(refine),
     Stage.ALIGN: _training(align),
+    Stage.STEER: StageEntry(steer.load_data, lambda spec, data, model, session: (
+        model, steer.run(spec, data, model, session.tokenizer, session.workdir))),
     Stage.EVALUATE: StageEntry(evaluate.load_data, lambda spec, data, model, session: (
         model, evaluate.run(spec, data, model, session.tokenizer, session.workdir,
-                            model_id=_checkpoint_label(session.workdir)))),
+                            model_id=_checkpoint_label(session.workdir),
+                            steering=steer.load_steering(session.workdir, model, session.tokenizer)))),
 }
 
 
