@@ -130,6 +130,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.export.dtype = "float32"  # hf / peft: float32 | bfloat16 | float16
   c.export.quant = "f32"  # gguf: f32 | f16 | q8_0
   c.export.max_shard_size = "5GB"  # hf safetensors shards, as transformers splits them
+  # a .npy direction [D] the exported weights are orthogonalised against (embedding, o_proj, down_proj: the weight
+  # form of ablating it everywhere; a tied head changes too), e.g. DIR/steer/false_refusal.npy; "" = none
+  c.export.ablate_direction = ""
 
   c.kernels = ml_collections.ConfigDict()  # python -m dcr_jax.kernels
   c.kernels.n_per_group = 4  # prompts per group (seemingly toxic, toxic, general)

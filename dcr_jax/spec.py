@@ -183,6 +183,7 @@ class ExportSpec:
   dtype: str
   quant: str
   max_shard_size: str
+  ablate_direction: str  # a .npy direction the exported weights are orthogonalised against; "" = none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -414,7 +415,12 @@ def _export(c: ml_collections.ConfigDict) -> ExportSpec:
     _fail("export.quant", xc.quant, f"is a type the GGUF writer cannot produce; choose {', '.join(GGUF_QUANTS)}")
   if "peft" in formats and c.align.lora_rank == 0:
     _fail("export.formats", xc.formats, "asks peft of a full fine-tune (align.lora_rank=0); use hf")
-  return ExportSpec(formats=formats, dtype=xc.dtype, quant=xc.quant, max_shard_size=xc.max_shard_size)
+  ablate = xc.ablate_direction
+  if ablate and not Path(ablate).is_file() and Stage.STEER not in _items(c.stages, "stages"):
+    _fail("export.ablate_direction", ablate, "is not a file; give a .npy direction (e.g. DIR/steer/false_refusal.npy "
+          "of a surgical steer run) or ''")
+  return ExportSpec(formats=formats, dtype=xc.dtype, quant=xc.quant, max_shard_size=xc.max_shard_size,
+                    ablate_direction=ablate)
 
 
 def _data(c: ml_collections.ConfigDict) -> DataSpec:

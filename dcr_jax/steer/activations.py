@@ -92,9 +92,11 @@ def batches(ids: Sequence[Sequence[int]], batch_size: int):
     yield start, count, rows + [rows[-1]] * (batch_size - count)
 
 
-def padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """Left-padded tokens/mask [B T], T a multiple of BUCKET."""
-  return left_pad(rows, bucket_length(max(len(r) for r in rows), BUCKET), pad_id)
+def padded(rows: Sequence[Sequence[int]], pad_id: int, length: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Left-padded tokens/mask [B T]: T = `length` when it fits (one compiled shape for every batch), else a multiple
+  of BUCKET."""
+  longest = max(len(r) for r in rows)
+  return left_pad(rows, length if length >= longest else bucket_length(longest, BUCKET), pad_id)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layers", "tail"))
@@ -106,12 +108,13 @@ def _tail_states(graphdef, state, tokens, mask, *, layers: tuple[int, ...], tail
 
 
 def tail_states(model, ids: Sequence[Sequence[int]], layers: Sequence[int], tail: int, *, batch_size: int,
-                pad_id: int) -> np.ndarray:
-  """[N len(layers) tail D] float64: each prompt's residual stream at `layers`, last `tail` positions."""
+                pad_id: int, length: int = 0) -> np.ndarray:
+  """[N len(layers) tail D] float64: each prompt's residual stream at `layers`, last `tail` positions (rows padded
+  to `length`, see `padded`)."""
   graphdef, state = nnx.split(model)
   out = []
   for _, count, rows in batches(ids, batch_size):
-    tokens, mask = padded(rows, pad_id)
+    tokens, mask = padded(rows, pad_id, length)
     states = _tail_states(graphdef, state, tokens, mask, layers=tuple(layers), tail=tail)
     out.append(np.asarray(states, np.float64).transpose(1, 0, 2, 3)[:count])
   return np.concatenate(out)
@@ -134,11 +137,11 @@ def _next_log_probs(graphdef, state, tokens, mask, edits, alpha, contrast: bool)
   return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
 
-def next_log_probs(model, ids: Sequence[Sequence[int]], *, batch_size: int, pad_id: int,
+def next_log_probs(model, ids: Sequence[Sequence[int]], *, batch_size: int, pad_id: int, length: int = 0,
                    edits: Callable[[list[list[int]]], tuple] | None = None,
                    contrast: Sequence[Sequence[int]] | None = None, alpha: float = 0.0) -> np.ndarray:
   """[N V] float32 next-token log-probabilities after each prompt, under `edits(rows)` (rows of a batch) or decoded
-  contrastively against `contrast` (one prompt per row) with weight `alpha`."""
+  contrastively against `contrast` (one prompt per row) with weight `alpha`; rows padded to `length`."""
   graphdef, state = nnx.split(model)
   out = []
   for start, count, rows in batches(ids, batch_size):
@@ -146,7 +149,7 @@ def next_log_probs(model, ids: Sequence[Sequence[int]], *, batch_size: int, pad_
     if contrast is not None:
       other = list(contrast[start:start + count])
       batch = rows + other + [other[-1]] * (batch_size - count)
-    tokens, mask = padded(batch, pad_id)
+    tokens, mask = padded(batch, pad_id, length)
     log_probs = _next_log_probs(graphdef, state, tokens, mask, tuple(edits(rows) if edits else ()),
                                 jnp.float32(alpha), contrast is not None)
     out.append(np.asarray(log_probs)[:count])

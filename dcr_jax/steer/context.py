@@ -12,6 +12,8 @@ from dcr_jax.model.interventions import Edit, ablate_everywhere, add, span
 from dcr_jax.steer import activations as act
 from dcr_jax.steer.activations import SteerData
 
+EXTRA = 48  # room for what some methods append to a prompt (scans' affirmative opening, self_cd's system prompt)
+
 
 @dataclasses.dataclass
 class Context:
@@ -29,6 +31,9 @@ class Context:
     self.refusal_ids = act.refusal_token_ids(self.tokenizer)
     self.pad_id = self.tokenizer.pad_token_id or 0
     self.num_layers = self.model.config.num_layers
+    longest = max(len(x) for split in (self.train, self.val) for ids in split.values() for x in ids)
+    self.kw = dict(batch_size=self.settings.batch_size, pad_id=self.pad_id,  # one padded length: one compile each
+                   length=act.bucket_length(longest + EXTRA, act.BUCKET))
 
   @property
   def tail(self) -> int:
@@ -36,19 +41,16 @@ class Context:
 
   def means(self, cls: str, layers: Sequence[int], tail: int) -> np.ndarray:
     """[len(layers) tail D] float64 mean residual stream of the class's estimation prompts."""
-    return act.class_mean(self.model, self.train[cls], layers, tail, batch_size=self.settings.batch_size,
-                          pad_id=self.pad_id)
+    return act.class_mean(self.model, self.train[cls], layers, tail, **self.kw)
 
   def log_probs(self, cls: str, edits: Callable | tuple | None = None, **contrast) -> np.ndarray:
     """[N V] next-token log-probabilities on the class's validation prompts; `edits` a tuple or rows -> tuple."""
     if edits is None and not contrast:
       if cls not in self._base:
-        self._base[cls] = act.next_log_probs(self.model, self.val[cls], batch_size=self.settings.batch_size,
-                                             pad_id=self.pad_id)
+        self._base[cls] = act.next_log_probs(self.model, self.val[cls], **self.kw)
       return self._base[cls]
     fn = edits if callable(edits) or edits is None else (lambda rows: edits)
-    return act.next_log_probs(self.model, self.val[cls], batch_size=self.settings.batch_size, pad_id=self.pad_id,
-                              edits=fn, **contrast)
+    return act.next_log_probs(self.model, self.val[cls], edits=fn, **self.kw, **contrast)
 
   def p_refuse(self, cls: str, edits=None, **contrast) -> float:
     """Mean first-token refusal probability p(R) on the class's validation prompts."""

@@ -33,16 +33,15 @@ class Classifier:
   harmful when above `tau`. Scores are memoised per prompt."""
 
   def __init__(self, model, affirmative: Sequence[int], upper: Sequence[int], centre: np.ndarray,
-               anchor: np.ndarray, tau: float, *, batch_size: int, pad_id: int):
+               anchor: np.ndarray, tau: float, **kw):
     self.model, self.affirmative, self.upper = model, list(affirmative), list(upper)
     self.centre, self.anchor, self.tau = centre, anchor, tau
-    self.batch_size, self.pad_id, self._memo = batch_size, pad_id, {}
+    self.kw, self._memo = kw, {}  # batch_size, pad_id and optionally length, as `tail_states` takes them
 
   def transitions(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
     """[N U D] float64 Δ_ℓ at the upper layers."""
-    kw = dict(batch_size=self.batch_size, pad_id=self.pad_id)
-    after = act.tail_states(self.model, [list(x) + self.affirmative for x in ids], self.upper, 1, **kw)
-    return (after - act.tail_states(self.model, ids, self.upper, 1, **kw))[:, :, 0]
+    after = act.tail_states(self.model, [list(x) + self.affirmative for x in ids], self.upper, 1, **self.kw)
+    return (after - act.tail_states(self.model, ids, self.upper, 1, **self.kw))[:, :, 0]
 
   def scores(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
     """[N] mean cosine to the anchors' transition."""
@@ -76,8 +75,7 @@ def best_threshold(positive: np.ndarray, negative: np.ndarray) -> tuple[float, f
 
 def _classifier(ctx: Context, middle, upper, tau=0.0) -> tuple[Classifier, np.ndarray]:
   affirmative = response_ids(ctx.tokenizer, ctx.settings.affirmative)
-  probe = Classifier(ctx.model, affirmative, upper, 0.0, 0.0, tau, batch_size=ctx.settings.batch_size,
-                     pad_id=ctx.pad_id)
+  probe = Classifier(ctx.model, affirmative, upper, 0.0, 0.0, tau, **ctx.kw)
   harmful, harmless = probe.transitions(ctx.train["harmful"]).mean(0), probe.transitions(ctx.train["harmless"]).mean(0)
   probe.centre, probe.anchor = (harmful + harmless) / 2, harmful - harmless
   return probe, diff_in_means(ctx, "harmful", "harmless", middle, 1)[:, 0]
