@@ -108,11 +108,31 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluate.capability_n = 100  # questions per task (seeded subsample); 0 = all
   c.evaluate.capability_root = ""
 
+  c.steer = ml_collections.ConfigDict()  # training-free baselines: --config.stages=steer,evaluate (README)
+  c.steer.method = "refusal_direction"  # refusal_direction | surgical | scans | self_cd
+  c.steer.n_train = 32  # prompts per class the directions are estimated from (0 = all left after validation)
+  c.steer.n_val = 16  # validation prompts per class, carved from the same training data first
+  c.steer.layers = ""  # candidate layers ℓ (after ℓ blocks), e.g. "3,6"; "" = every layer below the last 20%
+  c.steer.positions = 0  # post-instruction template positions searched; 0 = all of them
+  c.steer.max_kl = 0.0  # candidate filter on harmless KL; 0 = the method's (refusal_direction 0.1, surgical 0.2)
+  c.steer.coefs = ""  # coefficient grid (refusal_direction c, scans α, self_cd α); "" = the method's default
+  c.steer.keep_harmful = 0.9  # a coefficient must keep harmful validation p(refusal) >= this x its unsteered value
+  c.steer.strength = 1.0  # surgical: λ of the orthogonalisation against the refusal direction (1 = fully)
+  c.steer.add_coef = 0.0  # surgical: c of the refusal direction added at its layer (0 = none)
+  c.steer.affirmative = "Sure, here is"  # scans: the affirmative opening of the hidden-state transition
+  c.steer.system_prompt = ("You are a helpful, safe assistant. Refuse any request that could cause harm, and "
+                           "answer every harmless request.")  # self_cd: the safety system prompt (placed before
+  # the user's message in the same turn, as Gemma's template places a system message)
+  c.steer.batch_size = 16
+
   c.export = ml_collections.ConfigDict()  # the aligned model out at the end of a run: DIR/export/<format>/
   c.export.formats = ""  # comma list of hf, peft (LoRA runs), gguf; "" = none (python -m dcr_jax.export does it later)
   c.export.dtype = "float32"  # hf / peft: float32 | bfloat16 | float16
   c.export.quant = "f32"  # gguf: f32 | f16 | q8_0
   c.export.max_shard_size = "5GB"  # hf safetensors shards, as transformers splits them
+  # a .npy direction [D] the exported weights are orthogonalised against (embedding, o_proj, down_proj: the weight
+  # form of ablating it everywhere; a tied head changes too), e.g. DIR/steer/false_refusal.npy; "" = none
+  c.export.ablate_direction = ""
 
   c.kernels = ml_collections.ConfigDict()  # python -m dcr_jax.kernels
   c.kernels.n_per_group = 4  # prompts per group (seemingly toxic, toxic, general)

@@ -8,6 +8,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 from absl import app, flags
 from etils import epath
 from flax import nnx
@@ -16,10 +17,12 @@ from ml_collections import config_flags
 from dcr_jax import spec as spec_lib
 from dcr_jax import checkpoints, export, parallel, pipeline
 from dcr_jax.spec import Spec, Stage
-from dcr_jax.errors import run_command
+from dcr_jax.errors import UserError, run_command
 from dcr_jax.evaluate import stage as evaluate
 from dcr_jax.model import Decoder
+from dcr_jax.model.interventions import orthogonalize
 from dcr_jax.report import write_report_md
+from dcr_jax.steer import stage as steer
 from dcr_jax.train import align, refine
 from dcr_jax.train.loop import MetricsWriter, TrainContext
 from dcr_jax.weights.gguf_writer import check_expressible
@@ -64,9 +67,12 @@ STAGES = {
         model, evaluate.run_demo(spec, model, session.tokenizer, session.workdir))),
     Stage.REFINE: _training(refine),
     Stage.ALIGN: _training(align),
+    Stage.STEER: StageEntry(steer.load_data, lambda spec, data, model, session: (
+        model, steer.run(spec, data, model, session.tokenizer, session.workdir))),
     Stage.EVALUATE: StageEntry(evaluate.load_data, lambda spec, data, model, session: (
         model, evaluate.run(spec, data, model, session.tokenizer, session.workdir,
-                            model_id=_checkpoint_label(session.workdir)))),
+                            model_id=_checkpoint_label(session.workdir),
+                            steering=steer.load_steering(session.workdir, model, session.tokenizer)))),
 }
 
 
@@ -101,14 +107,26 @@ def run(config, workdir: epath.Path) -> dict:
     report = update_report(workdir, "stages", stage, summary)
   if spec.export.formats:
     label = _checkpoint_label(workdir).replace("-", " step ")
+    exported = _with_ablation(model, spec.export.ablate_direction)
     for fmt in spec.export.formats:
-      out = export.export_model(spec, model, tokenizer, workdir / "export" / fmt, fmt, workdir=workdir,
+      out = export.export_model(spec, exported, tokenizer, workdir / "export" / fmt, fmt, workdir=workdir,
                                 checkpoint=label, dtype=spec.export.dtype, quant=spec.export.quant,
                                 max_shard_size=max_shard)
       report = update_report(workdir, "export", fmt, str(out))
   if is_main_process():
     write_report_md(workdir)
   return report
+
+
+def _with_ablation(model: Decoder, direction_file: str) -> Decoder:
+  """`model`, orthogonalised against the direction saved in `direction_file` when one is given (export)."""
+  if not direction_file:
+    return model
+  path = epath.Path(direction_file)
+  if not path.is_file():
+    raise UserError(f"config.export.ablate_direction={direction_file!r} was not written; give a .npy direction")
+  with path.open("rb") as f:
+    return orthogonalize(model, np.load(f))
 
 
 def _checkpoint_label(workdir: epath.Path) -> str:

@@ -162,6 +162,18 @@ def report_markdown(workdir: str | os.PathLike, report: Mapping[str, Any]) -> st
     lines += _table(["task", "n", "acc", "acc_norm"], [[t, str(m.get("n", DASH)), _fmt(m.get("acc"), 3),
                                                         _fmt(m.get("acc_norm"), 3)] for t, m in capability.items()])
     lines.append("")
+  steer = report.get("steer")
+  if steer:
+    lines += [f"## Steering: {steer.get('method', DASH)}", "",
+              "Chosen on a validation split of the run's own training data (`steer/steer.json`).", ""]
+    lines += _table(["chosen", "value"], [[k, _fmt(v, 4) if isinstance(v, float) else _cell(json.dumps(v))]
+                                          for k, v in (steer.get("chosen") or {}).items()])
+    for name, rows in (steer.get("table") or {}).items():
+      if rows:
+        lines += ["", f"### Selection: {name}", ""]
+        lines += _table(list(rows[0]), [[_fmt(v, 4) if isinstance(v, float) else str(v) for v in row.values()]
+                                        for row in rows])
+    lines.append("")
   kernels = report.get("kernels")
   if kernels:
     lines += ["## Kernels", "", "Kernel-similarity JSON and plots are in `kernels/`."]

@@ -18,6 +18,7 @@ from dcr_jax.evaluate.suites import get_suite
 from dcr_jax.kernels.ntk import KINDS as KERNEL_PARAMS, METHODS as KERNEL_METHODS
 from dcr_jax.model import ModelConfig, get_variant, tiny
 from dcr_jax.model.lora import TARGETS as LORA_TARGETS
+from dcr_jax.steer.stage import METHODS as STEER_METHODS
 from dcr_jax.weights.gguf_writer import QUANTS as GGUF_QUANTS
 
 class Stage(enum.StrEnum):
@@ -25,6 +26,7 @@ class Stage(enum.StrEnum):
   REFINE = "refine"
   ALIGN = "align"
   EVALUATE = "evaluate"
+  STEER = "steer"
 
 
 TRAINING_STAGES = (Stage.REFINE, Stage.ALIGN)
@@ -154,6 +156,23 @@ class KernelsSpec:
   max_len: int
 
 
+@dataclasses.dataclass(frozen=True)
+class SteerSpec:
+  method: str
+  n_train: int | None  # None = all
+  n_val: int
+  layers: tuple[int, ...]  # () = every layer below the last 20%
+  positions: int  # 0 = all post-instruction positions
+  max_kl: float  # 0 = the method's default
+  coefs: tuple[float, ...]  # () = the method's default grid
+  keep_harmful: float
+  strength: float
+  add_coef: float
+  affirmative: str
+  system_prompt: str
+  batch_size: int
+
+
 EXPORT_FORMATS = ("hf", "peft", "gguf")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -164,6 +183,7 @@ class ExportSpec:
   dtype: str
   quant: str
   max_shard_size: str
+  ablate_direction: str  # a .npy direction the exported weights are orthogonalised against; "" = none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +208,7 @@ class Spec:
   checkpoint_every: int
   checkpoint_keep: int
   evaluate: EvaluateSpec
+  steer: SteerSpec
   kernels: KernelsSpec
   export: ExportSpec
   distributed: DistributedSpec
@@ -344,6 +365,33 @@ def _evaluate(c: ml_collections.ConfigDict) -> EvaluateSpec:
                       refusal_prob=ec.refusal_prob)
 
 
+def _steer(c: ml_collections.ConfigDict, stages: tuple[Stage, ...], num_layers: int) -> SteerSpec:
+  sc = c.steer
+  if sc.method not in STEER_METHODS:
+    _fail("steer.method", sc.method, f"is unknown; choose from {', '.join(STEER_METHODS)}")
+  layers = _numbers(sc.layers, "steer.layers", int)
+  if any(not 1 <= l <= num_layers for l in layers):
+    _fail("steer.layers", sc.layers, f"is out of range; use layers 1..{num_layers} (after ℓ blocks) or ''")
+  for key in ("n_train", "positions"):
+    if sc[key] < 0:
+      _fail(f"steer.{key}", sc[key], "must be >= 0 (0 = all)")
+  for key in ("n_val", "batch_size"):
+    if sc[key] < 1:
+      _fail(f"steer.{key}", sc[key], "must be positive")
+  if Stage.STEER in stages:
+    training = [s.value for s in stages if s in TRAINING_STAGES]
+    if training:
+      _fail("stages", c.stages, f"mixes steer with training ({', '.join(training)}); steering baselines run on "
+            "the base model: use a workdir of their own")
+    if _items(c.evaluate.capability, "evaluate.capability"):
+      _fail("evaluate.capability", c.evaluate.capability, "is not scored under steering; evaluate capability in "
+            "a run without the steer stage")
+  return SteerSpec(method=sc.method, n_train=_count(sc.n_train), n_val=sc.n_val, layers=tuple(sorted(set(layers))),
+                   positions=sc.positions, max_kl=sc.max_kl, coefs=_numbers(sc.coefs, "steer.coefs"),
+                   keep_harmful=sc.keep_harmful, strength=sc.strength, add_coef=sc.add_coef,
+                   affirmative=sc.affirmative, system_prompt=sc.system_prompt, batch_size=sc.batch_size)
+
+
 def _kernels(c: ml_collections.ConfigDict) -> KernelsSpec:
   kc = c.kernels
   if kc.params not in KERNEL_PARAMS:
@@ -367,7 +415,12 @@ def _export(c: ml_collections.ConfigDict) -> ExportSpec:
     _fail("export.quant", xc.quant, f"is a type the GGUF writer cannot produce; choose {', '.join(GGUF_QUANTS)}")
   if "peft" in formats and c.align.lora_rank == 0:
     _fail("export.formats", xc.formats, "asks peft of a full fine-tune (align.lora_rank=0); use hf")
-  return ExportSpec(formats=formats, dtype=xc.dtype, quant=xc.quant, max_shard_size=xc.max_shard_size)
+  ablate = xc.ablate_direction
+  if ablate and not Path(ablate).is_file() and Stage.STEER not in _items(c.stages, "stages"):
+    _fail("export.ablate_direction", ablate, "is not a file; give a .npy direction (e.g. DIR/steer/false_refusal.npy "
+          "of a surgical steer run) or ''")
+  return ExportSpec(formats=formats, dtype=xc.dtype, quant=xc.quant, max_shard_size=xc.max_shard_size,
+                    ablate_direction=ablate)
 
 
 def _data(c: ml_collections.ConfigDict) -> DataSpec:
@@ -399,6 +452,7 @@ def resolve(config: ml_collections.ConfigDict) -> Spec:
       mesh=MeshSpec(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, config.mesh.constrain_activations),
       data=_data(config), refine=_refine(config, arch.num_layers), align=_align(config),
       checkpoint_every=config.checkpoint.every, checkpoint_keep=config.checkpoint.keep, evaluate=_evaluate(config),
+      steer=_steer(config, stages, arch.num_layers),
       kernels=_kernels(config), export=_export(config), distributed=DistributedSpec(**config.distributed.to_dict()), demo_prompts=tuple(config.demo.prompts),
       demo_max_new_tokens=config.demo.max_new_tokens)
 

@@ -223,12 +223,15 @@ class Block(nnx.Module):
       self.post_ffw_norm = norm()
 
   def __call__(self, x, layer: "LayerSpec", positions, segments, slots, kv_cache=None, cache_segments=None,
-               write_at=None):
+               write_at=None, mid=None):
+    """x [B T D] -> (x after the block, updated KV cache); `mid` edits the stream between attention and MLP."""
     attn_out, kv_cache = self.attn(self.pre_attn_norm(x), layer, positions, segments, slots, kv_cache,
                                    cache_segments, write_at)
     if self.use_post_norms:
       attn_out = self.post_attn_norm(attn_out)
     x = x + attn_out
+    if mid is not None:
+      x = mid(x)
     mlp_out = self.mlp(self.pre_ffw_norm(x))
     if self.use_post_norms:
       mlp_out = self.post_ffw_norm(mlp_out)
