@@ -11,6 +11,10 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stages = "refine,align,evaluate"
   c.seed = 0
+  # "stl": after the stages, also train stage 2 from the base weights (the STL baseline, same stage-2 data and
+  # settings) and evaluate it, in DIR/baseline-stl, reported beside this run; only when stages has refine, align
+  # and evaluate.
+  c.baseline = ""
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "gemma3-270m"  # a variant name (see dcr_jax.model.VARIANTS) or "tiny-<family>"
@@ -99,6 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluate.bucket = 32  # prompt lengths are padded to a multiple of this (few compilations)
   c.evaluate.temperature = 0.0  # 0 = greedy, as in the paper
   c.evaluate.top_p = 1.0
+  c.evaluate.decode_weights = "float32"  # float32 | bfloat16: weight matrices as generation reads them
   c.evaluate.judge = "keyword"  # keyword | openai:<base_url>:<model>
   c.evaluate.refusal_prob = True
   # General capability (opt-in): mmlu,arc_easy,arc_challenge,openbookqa,piqa,truthfulqa_mc1, scored as
@@ -156,6 +161,19 @@ def base_config() -> ml_collections.ConfigDict:
                     "Write a short poem about the sea.")
   c.demo.max_new_tokens = 32
   return c
+
+
+def cpu_defaults(config):
+  """`config` as the embedded models' default run: stage 1 and 2 train on half of each built-in set, a quarter
+  validates (each saved checkpoint's refusal probability), and the other quarter, never trained on, is what the run
+  evaluates, beside the STL baseline trained on the same stage-2 data."""
+  for key, name in (("toxic", "toxic"), ("seemingly_toxic", "seemingly_toxic"), ("harmful", "toxic"),
+                    ("helpful_seemingly", "seemingly_toxic")):
+    config.data[key] = f"builtin:{name}@0::2"
+  config.data.val_toxic, config.data.val_seemingly_toxic = "builtin:toxic@1::4", "builtin:seemingly_toxic@1::4"
+  config.evaluate.suites = "demo-over-refusal-heldout,demo-harmful-heldout"  # rows 3::4
+  config.baseline = "stl"
+  return config
 
 
 def tpu_defaults(config, refine_batch: int, align_batch: int, max_len: int, lora_rank: int):

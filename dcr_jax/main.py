@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 import time
@@ -80,6 +81,9 @@ def run(config, workdir: epath.Path) -> dict:
   """Runs config.stages in order and returns the report. Everything that can fail on bad input is checked before
   the workdir is touched."""
   spec = spec_lib.resolve(config)
+  baseline = baseline_config(config) if spec.baseline else None
+  if baseline is not None:
+    spec_lib.resolve(baseline)  # its checks too, before anything is written
   parallel.initialize(spec.distributed)
   mesh = parallel.make_mesh(spec.mesh.data, spec.mesh.fsdp, spec.mesh.tensor)
   spec_lib.check_batches(spec, mesh)
@@ -113,9 +117,28 @@ def run(config, workdir: epath.Path) -> dict:
                                 checkpoint=label, dtype=spec.export.dtype, quant=spec.export.quant,
                                 max_shard_size=max_shard)
       report = update_report(workdir, "export", fmt, str(out))
+  if baseline is not None:
+    base_dir = workdir / BASELINE_DIR
+    base = run(baseline, base_dir)
+    report = update_report(workdir, "baseline", spec.baseline, {
+        "workdir": str(base_dir), "eval": base.get("eval", {}), "eval_summary": base.get("eval_summary", {}),
+        "capability": base.get("capability", {}), "align": base.get("stages", {}).get("align", {})})
   if is_main_process():
     write_report_md(workdir)
   return report
+
+
+BASELINE_DIR = "baseline-stl"
+
+
+def baseline_config(config):
+  """The STL baseline of a DCR config: the same stage-2 data, settings and evaluation, from the base weights (no
+  stage 1, no export, no baseline of its own)."""
+  base = copy.deepcopy(config)
+  base.stages = ",".join(s for s in (x.strip() for x in str(config.stages).split(",")) if s and s != "refine")
+  base.baseline = ""
+  base.export.formats = ""
+  return base
 
 
 def _with_ablation(model: Decoder, direction_file: str) -> Decoder:

@@ -155,6 +155,13 @@ def report_markdown(workdir: str | os.PathLike, report: Mapping[str, Any]) -> st
                       [[s, c, str(m.get("n", DASH)), _fmt(m.get("refusal_rate")), _fmt(m.get("compliance_rate")),
                         _prob(m.get("mean_refusal_prob"))] for s, cats in categorised.items() for c, m in cats.items()])
     lines.append("")
+  for method, base in (report.get("baseline") or {}).items():
+    lines += [f"## Beside the {method.upper()} baseline", "",
+              "The same stage 2 (data, settings, steps) trained from the base weights, without stage 1, and evaluated "
+              f"on the same suites (`{base.get('workdir', DASH)}`).", ""]
+    lines += table1([(name, evals), (f"{method.upper()} baseline", base.get("eval") or {})], per_harmful=True,
+                    capability=[report.get("capability") or {}, base.get("capability") or {}])
+    lines.append("")
   capability = report.get("capability") or {}
   if capability:
     lines += ["## General capability", "", "lm-evaluation-harness conventions (log-likelihood of each choice; acc_norm "

@@ -13,6 +13,7 @@ import ml_collections
 from dcr_jax.data.batching import parse_selectors
 from dcr_jax.errors import UserError
 from dcr_jax.evaluate.capability import check_tasks
+from dcr_jax.evaluate.generate import DECODE_WEIGHTS
 from dcr_jax.evaluate.refusal import make_judge
 from dcr_jax.evaluate.suites import get_suite
 from dcr_jax.kernels.ntk import KINDS as KERNEL_PARAMS, METHODS as KERNEL_METHODS
@@ -141,6 +142,7 @@ class EvaluateSpec:
   capability: tuple[str, ...]  # general-capability tasks (none = not evaluated)
   capability_n: int | None  # questions per task; None = all
   capability_root: str | None  # the tasks' data folder; None = dcr_jax.evaluate.capability's default
+  decode_weights: str = "float32"  # generation's weight matrices (bfloat16: half the bytes per decode step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +216,7 @@ class Spec:
   distributed: DistributedSpec
   demo_prompts: tuple[str, ...]
   demo_max_new_tokens: int
+  baseline: str = ""  # "stl": stage 2 from the base weights, evaluated beside this run
 
   @property
   def training_stages(self) -> tuple[Stage, ...]:
@@ -358,11 +361,13 @@ def _evaluate(c: ml_collections.ConfigDict) -> EvaluateSpec:
       raise UserError(f"config.evaluate.capability: {e}") from None
   if ec.capability_n < 0:
     _fail("evaluate.capability_n", ec.capability_n, "must be >= 0 (0 = every question)")
+  if ec.decode_weights not in DECODE_WEIGHTS:
+    _fail("evaluate.decode_weights", ec.decode_weights, f"is unknown; choose {' or '.join(DECODE_WEIGHTS)}")
   return EvaluateSpec(capability=tasks, capability_n=_count(ec.capability_n), capability_root=root,
                       suites=_suites(ec.suites, ec.n, required),
                       data_root=ec.data_root or None, max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size,
                       bucket=ec.bucket, temperature=ec.temperature, top_p=ec.top_p, judge=ec.judge,
-                      refusal_prob=ec.refusal_prob)
+                      refusal_prob=ec.refusal_prob, decode_weights=ec.decode_weights)
 
 
 def _steer(c: ml_collections.ConfigDict, stages: tuple[Stage, ...], num_layers: int) -> SteerSpec:
@@ -454,7 +459,18 @@ def resolve(config: ml_collections.ConfigDict) -> Spec:
       checkpoint_every=config.checkpoint.every, checkpoint_keep=config.checkpoint.keep, evaluate=_evaluate(config),
       steer=_steer(config, stages, arch.num_layers),
       kernels=_kernels(config), export=_export(config), distributed=DistributedSpec(**config.distributed.to_dict()), demo_prompts=tuple(config.demo.prompts),
-      demo_max_new_tokens=config.demo.max_new_tokens)
+      demo_max_new_tokens=config.demo.max_new_tokens, baseline=_baseline(config.get("baseline", ""), stages))
+
+
+BASELINE_STAGES = (Stage.REFINE, Stage.ALIGN, Stage.EVALUATE)
+
+
+def _baseline(value: str, stages: tuple[Stage, ...]) -> str:
+  """The baseline to run beside this one: "stl", or "" (none, also when the stages lack refine, align or evaluate:
+  without them there is nothing to compare, e.g. `--config.stages=refine,align` on a config that sets one)."""
+  if value not in ("", "stl"):
+    _fail("baseline", value, "is unknown; use 'stl' (stage 2 from the base weights beside this run) or ''")
+  return value if all(s in stages for s in BASELINE_STAGES) else ""
 
 
 def check_batches(spec: Spec, mesh) -> None:

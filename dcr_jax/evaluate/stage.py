@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from dcr_jax.data.batching import load_spec_list
 from dcr_jax.evaluate.capability import HEADLINE, evaluate_capability
-from dcr_jax.evaluate.generate import Steering, generate
+from dcr_jax.evaluate.generate import Steering, generate, with_decode_weights
 from dcr_jax.evaluate.refusal import Judge, make_judge
 from dcr_jax.evaluate.refusal_prob import refusal_probability
 from dcr_jax.evaluate.suites import get_suite, load_suite, safety_score, suite_metrics
@@ -57,8 +57,9 @@ def row_settings(spec: Spec, name: str, model_id: str = "") -> dict:
   """What shapes a suite's rows: the model evaluated (its checkpoint), the subsample (seed, n, data root), decoding
   and judging."""
   ec = spec.evaluate
+  narrow = {"decode_weights": ec.decode_weights} if ec.decode_weights != "float32" else {}  # float32 rows keep keys
   return {"suite": name, "model": model_id, "seed": spec.seed, "n": dict(ec.suites).get(name),
-          "data_root": ec.data_root, **{key: getattr(ec, key) for key in ROW_SETTINGS}}
+          "data_root": ec.data_root, **{key: getattr(ec, key) for key in ROW_SETTINGS}, **narrow}
 
 
 def row_seed(seed: int, suite: str, prompt: str) -> int:
@@ -115,6 +116,7 @@ def evaluate_suite(spec: Spec, model, tokenizer, workdir: epath.PathLike, name: 
   if not todo:
     return rows
   prompts_ids = [encode_chat(tokenizer, r["prompt"])[0] for r in todo]
+  decoder = model if ec.decode_weights == "float32" else with_decode_weights(model, ec.decode_weights)
   order = np.argsort([len(p) for p in prompts_ids], kind="stable")  # similar lengths share a bucket
   stops = stop_token_ids(tokenizer)
   b = ec.batch_size
@@ -127,7 +129,7 @@ def evaluate_suite(spec: Spec, model, tokenizer, workdir: epath.PathLike, name: 
     chosen = [todo[i] for i in chunk]
     prompts = [r["prompt"] for r in chosen]
     steer = _steer_batch(steering, prompts + [prompts[0]] * (b - len(chunk)), batch)
-    outputs = generate(model, batch, max_new_tokens=ec.max_new_tokens, stop_ids=stops,
+    outputs = generate(decoder, batch, max_new_tokens=ec.max_new_tokens, stop_ids=stops,
                        pad_id=tokenizer.pad_token_id, temperature=ec.temperature, top_p=ec.top_p,
                        seed=seeds + [seeds[0]] * (b - len(chunk)), bucket=ec.bucket, **steer)[:len(chunk)]
     texts = [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]

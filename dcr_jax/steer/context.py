@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
+from tqdm import tqdm
 
 from dcr_jax.model.interventions import Edit, ablate_everywhere, add, span
 from dcr_jax.steer import activations as act
@@ -143,3 +145,9 @@ def candidate_grid(ctx: Context) -> tuple[list[int], int, np.ndarray]:
 def position_name(p: int, tail: int) -> int:
   """Position index p of the last `tail` as an offset from the prompt's end (-1 = the last token)."""
   return p - tail
+
+
+def each_candidate(layers: Sequence[int], tail: int, method: str):
+  """(i, layer, p) over every (layer, post-instruction position) candidate, with a progress bar."""
+  grid = [(i, layer, p) for i, layer in enumerate(layers) for p in range(tail)]
+  return tqdm(grid, desc=f"steer {method}: candidates", disable=jax.process_index() != 0, dynamic_ncols=True)

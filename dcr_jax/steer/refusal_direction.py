@@ -19,7 +19,7 @@ import numpy as np
 
 from dcr_jax.evaluate.generate import Steering
 from dcr_jax.steer.context import Context, Selection, ablation, add_at, candidate_grid, choose_coefficient, \
-    position_name
+    each_candidate, position_name
 
 DEFAULT_COEFS = (-0.25, -0.5, -1.0)
 DEFAULT_MAX_KL = 0.1
@@ -30,13 +30,12 @@ def select(ctx: Context) -> Selection:
   layers, tail, candidates = candidate_grid(ctx)
   max_kl = ctx.settings.max_kl or DEFAULT_MAX_KL
   table = []
-  for i, layer in enumerate(layers):
-    for p in range(tail):
-      r = candidates[i, p]
-      ablated = ablation(r, ctx.num_layers)
-      table.append({"layer": layer, "position": position_name(p, tail), "bypass": ctx.score("harmful", ablated),
-                    "kl": ctx.kl("harmless", ablated),
-                    "induce": ctx.score("harmless", (add_at(r, layer, 1.0, ctx.num_layers),))})
+  for i, layer, p in each_candidate(layers, tail, "refusal_direction"):
+    r = candidates[i, p]
+    ablated = ablation(r, ctx.num_layers)
+    table.append({"layer": layer, "position": position_name(p, tail), "bypass": ctx.score("harmful", ablated),
+                  "kl": ctx.kl("harmless", ablated),
+                  "induce": ctx.score("harmless", (add_at(r, layer, 1.0, ctx.num_layers),))})
   kept = [row for row in table if row["kl"] <= max_kl and row["induce"] >= 0]
   best = min(kept or table, key=lambda row: row["bypass"])
   direction = candidates[layers.index(best["layer"]), best["position"] + tail]

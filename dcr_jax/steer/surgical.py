@@ -17,7 +17,7 @@ import numpy as np
 
 from dcr_jax.evaluate.generate import Steering
 from dcr_jax.steer.activations import unit
-from dcr_jax.steer.context import Context, Selection, ablation, add_at, diff_in_means, position_name
+from dcr_jax.steer.context import Context, Selection, ablation, add_at, diff_in_means, each_candidate, position_name
 
 DEFAULT_MAX_KL = 0.2
 
@@ -36,12 +36,11 @@ def select(ctx: Context) -> Selection:
   ortho = false_refusal - ctx.settings.strength * np.sum(false_refusal * r_hat, -1, keepdims=True) * r_hat
   max_kl, add_coef = ctx.settings.max_kl or DEFAULT_MAX_KL, ctx.settings.add_coef
   table = []
-  for i, layer in enumerate(layers):
-    for p in range(tail):
-      edits = _edits(ortho[i, p], refusal[i, p], layer, add_coef, ctx.num_layers)
-      table.append({"layer": layer, "position": position_name(p, tail), "kl": ctx.kl("harmless", edits),
-                    "score_pseudo_harmful": ctx.score("pseudo_harmful", edits),
-                    "score_harmful": ctx.score("harmful", edits)})
+  for i, layer, p in each_candidate(layers, tail, "surgical"):
+    edits = _edits(ortho[i, p], refusal[i, p], layer, add_coef, ctx.num_layers)
+    table.append({"layer": layer, "position": position_name(p, tail), "kl": ctx.kl("harmless", edits),
+                  "score_pseudo_harmful": ctx.score("pseudo_harmful", edits),
+                  "score_harmful": ctx.score("harmful", edits)})
   kept = [row for row in table if row["kl"] <= max_kl]
   best = min(kept, key=lambda row: row["score_pseudo_harmful"]) if kept else min(table, key=lambda row: row["kl"])
   i, p = layers.index(best["layer"]), best["position"] + tail
