@@ -58,14 +58,18 @@ def _module(root, path: tuple):
   return root
 
 
+def _check_unscanned(config) -> None:
+  if config.scan_layers:
+    raise UserError("kernels: method 'structured' needs one Block per layer; pass "
+                    "dcr_jax.model.unstack_layers(model)")
+
+
 def first_token_forward(model, tokens: Array, mask: Array, embed_delta: Array | None = None,
                         head_delta: Array | None = None) -> tuple[Array, Array]:
   """(logits [V], final-normed hidden [D]) of one prompt, tokens/mask [1 T]: the decoder's forward to the last
   valid position, with optional perturbations of the looked-up embedding rows [1 T D] and the pre-cap logits [V]."""
   cfg = model.config
-  if cfg.scan_layers:
-    raise UserError("kernels: method 'structured' needs one Block per layer; pass "
-                    "dcr_jax.model.unstack_layers(model)")
+  _check_unscanned(cfg)
   tokens, mask = jnp.asarray(tokens, jnp.int32), jnp.asarray(mask).astype(jnp.int32)
   rows = model.embedding[...][tokens]
   if embed_delta is not None:
@@ -113,11 +117,12 @@ def _key(path: tuple) -> str:
 
 
 def _form(strategy: str, t: int, s: int, d_in: int, d_out: int) -> str:
-  """Per prompt pair, gram costs T²·in + S·T²·out + S²·T·out multiply-adds, explicit S²·in·out; auto takes the
-  cheaper."""
+  """Per prompt pair, gram costs T²·in + S·T²·out + S²·T·out multiply-adds and keeps T·in + S·T·out numbers per
+  prompt; explicit costs S²·in·out and keeps S·in·out. auto takes explicit where it is cheaper and no larger."""
   if strategy != "auto":
     return strategy
-  return "explicit" if s * s * d_in * d_out <= t * t * d_in + s * t * t * d_out + s * s * t * d_out else "gram"
+  cheaper = s * s * d_in * d_out <= t * t * d_in + s * t * t * d_out + s * s * t * d_out
+  return "explicit" if cheaper and s * d_in * d_out <= t * d_in + s * t * d_out else "gram"
 
 
 def _plan(model, selected: set, width: int, outputs: int, strategy: str) -> tuple[_Plan, set]:
@@ -146,8 +151,9 @@ def _plan(model, selected: set, width: int, outputs: int, strategy: str) -> tupl
 
 
 def _prompt_factors(graphdef, plan: _Plan, direct, frozen, tokens, mask, ids) -> dict:
-  """One prompt's factors: tokens/mask [T], ids [S] -> {"gram": {name: (a [T in], δ [S T out])}, "explicit":
-  {name: [S ...param]}, "gather": (tokens [T], δ [S T D]), "head": (h [D], δ [S V])} (the last two when planned)."""
+  """One prompt's factors: tokens/mask [T], ids [S] -> {"gram": {group: (a [G T in], δ [G S T out])},
+  "explicit": {group: [G S ...param]}, "gather": (tokens [T], δ [S T D]), "head": (h [D], δ [S V])} (the last two
+  when planned)."""
   shape_model = nnx.merge(graphdef, direct, frozen)
   cfg = shape_model.config
   t = tokens.shape[0]
@@ -170,30 +176,40 @@ def _prompt_factors(graphdef, plan: _Plan, direct, frozen, tokens, mask, ids) ->
 
   z, pullback, (inputs, h) = jax.vjp(forward, direct, deltas, has_aux=True)
   grads, signals = jax.vmap(pullback)(jnp.eye(z.shape[0], dtype=z.dtype))
-  out = {"gram": {}, "explicit": {_key(p): v[...] for p, v in nnx.to_flat_state(grads)}}
+  gram, explicit = [], [v[...] for _, v in nnx.to_flat_state(grads)]
 
-  def add(name, form, a, delta):  # a [T in], delta [S T out]
+  def add(form, a, delta):  # a [T in], delta [S T out]
     if form == "gram":
-      out["gram"][name] = (a, delta)
+      gram.append((a, delta))
     else:
-      out["explicit"][name] = jnp.einsum("ti,sto->sio", a, delta, precision=_HIGHEST)
+      explicit.append(jnp.einsum("ti,sto->sio", a, delta, precision=_HIGHEST))
 
   for tap in plan.taps:
     dense, key = _module(shape_model, tap.path), _key(tap.path)
     a, delta = inputs[key][0], signals[key][:, 0]
     for name, form in tap.forms:
       if name == "kernel":
-        add(f"{key}/kernel", form, a, delta)
+        add(form, a, delta)
       elif name == "lora_a":
-        add(f"{key}/lora_a", form, a, dense.lora_scale * jnp.einsum("sto,ro->str", delta,
-                                                                    dense.lora_b[...].astype(a.dtype)))
+        add(form, a, dense.lora_scale * jnp.einsum("sto,ro->str", delta, dense.lora_b[...].astype(a.dtype)))
       else:
-        add(f"{key}/lora_b", form, a @ dense.lora_a[...].astype(a.dtype), dense.lora_scale * delta)
+        add(form, a @ dense.lora_a[...].astype(a.dtype), dense.lora_scale * delta)
+  out = {"gram": _stack(gram, lambda term: (term[0].shape[1], term[1].shape[2])),
+         "explicit": _stack(explicit, lambda g: g.shape[1:])}
   if plan.embedding:
     out["gather"] = (tokens, signals["embed"][:, 0])
   if plan.head:
     out["head"] = (h, signals["head"])
   return out
+
+
+def _stack(terms: list, shape) -> dict:
+  """Terms of one `shape` (not depending on T or S, so two prompt sets group alike) stacked on a leading axis G,
+  in plan order: {"in x out": [G ...]}; G-loops keep one projection's intermediates alive at a time."""
+  groups: dict = {}
+  for term in terms:
+    groups.setdefault("x".join(map(str, shape(term))), []).append(term)
+  return {k: jax.tree.map(lambda *xs: jnp.stack(xs), *v) for k, v in groups.items()}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -220,17 +236,32 @@ def _lookup_head(gather, head):
   return jnp.einsum("xyit,yjxt->xyij", g, picked, precision=_HIGHEST)
 
 
+def _loop(groups_a, groups_b, term):
+  """Σ over every group and every member g of term(a_g, b_g) -> [Ca Cb S S'], members one at a time (fori_loop)."""
+  total = 0
+  for name, a in groups_a.items():
+    b = groups_b[name]
+    pick = lambda tree, g: jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, g, 1, keepdims=False), tree)
+    body = lambda g, acc: acc + term(pick(a, g), pick(b, g))
+    first = jax.eval_shape(term, pick(a, 0), pick(b, 0))
+    total = total + jax.lax.fori_loop(0, jax.tree.leaves(a)[0].shape[1], body, jnp.zeros(first.shape, first.dtype))
+  return total
+
+
+def _gram_term(a, b):
+  (la, ra), (lb, rb) = a, b
+  return _gram(jnp.einsum("xti,yui->xytu", la, lb, precision=_HIGHEST), ra, rb)
+
+
+def _explicit_term(ga, gb):
+  dims = tuple(range(2, ga.ndim))
+  return jnp.tensordot(ga, gb, axes=(dims, dims), precision=_HIGHEST).transpose(0, 2, 1, 3)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _contract(plan, fa, fb):
   """K[a, b] [Ca Cb S S'] from the factors of two chunks."""
-  total = 0
-  for name, (la, ra) in fa["gram"].items():
-    lb, rb = fb["gram"][name]
-    total = total + _gram(jnp.einsum("xti,yui->xytu", la, lb, precision=_HIGHEST), ra, rb)
-  for name, ga in fa["explicit"].items():
-    gb = fb["explicit"][name]
-    dims = tuple(range(2, ga.ndim))
-    total = total + jnp.tensordot(ga, gb, axes=(dims, dims), precision=_HIGHEST).transpose(0, 2, 1, 3)
+  total = _loop(fa["gram"], fb["gram"], _gram_term) + _loop(fa["explicit"], fb["explicit"], _explicit_term)
   if plan.embedding:
     (ta, ra), (tb, rb) = fa["gather"], fb["gather"]
     total = total + _gram((ta[:, None, :, None] == tb[None, :, None, :]).astype(ra.dtype), ra, rb)
@@ -247,6 +278,18 @@ def _contract(plan, fa, fb):
 # ------------------------------------------------------------------------------------------------------- the driver
 
 
+def _prepare(graphdef, params, rest, width: int, outputs: int, strategy: str):
+  """(plan, graphdef, direct, frozen): the model re-split into the parameters differentiated directly and the
+  rest (closed over)."""
+  if strategy not in STRATEGIES:
+    raise UserError(f"kernels: unknown structured strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+  model = nnx.merge(graphdef, params, rest)
+  _check_unscanned(model.config)
+  selected = {path for path, _ in nnx.to_flat_state(params)}
+  plan, direct_paths = _plan(model, selected, width, outputs, strategy)
+  return (plan, *nnx.split(model, lambda path, _: path in direct_paths, ...))
+
+
 def logit_kernel(graphdef, params, rest, examples, examples_b=None, *, chunk_size: int = 8, progress: bool = True,
                  strategy: str = "auto") -> np.ndarray:
   """First-token logit eNTK [Na Nb S S] over the parameters `params` of nnx.merge(graphdef, params, rest).
@@ -254,31 +297,24 @@ def logit_kernel(graphdef, params, rest, examples, examples_b=None, *, chunk_siz
   examples (and examples_b, default the same set; then only blocks a <= b are computed): (tokens [N T], mask [N T],
   ids [N S]). Factors are computed `chunk_size` prompts at a time and kept on the host (per prompt, about S·T·Σout
   numbers over the selected projections); blocks of chunk pairs are contracted on the device. `strategy`: per
-  projection, contract the factors ("gram"), form its [S in out] gradient ("explicit"), or take the cheaper
-  ("auto").
+  projection, contract the factors ("gram"), form its [S in out] gradient ("explicit"), or choose by cost and size
+  ("auto", see `_form`).
   """
-  if strategy not in STRATEGIES:
-    raise UserError(f"kernels: unknown structured strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
   symmetric = examples_b is None
   sets = [examples] if symmetric else [examples, examples_b]
-  model = nnx.merge(graphdef, params, rest)
-  if model.config.scan_layers:
-    raise UserError("kernels: method 'structured' needs one Block per layer; pass "
-                    "dcr_jax.model.unstack_layers(model)")
-  selected = {path for path, _ in nnx.to_flat_state(params)}
   width, outputs = max(s[0].shape[1] for s in sets), max(s[2].shape[1] for s in sets)
-  plan, direct_paths = _plan(model, selected, width, outputs, strategy)
-  graphdef, direct, frozen = nnx.split(model, lambda path, _: path in direct_paths, ...)
-
+  plan, graphdef, direct, frozen = _prepare(graphdef, params, rest, width, outputs, strategy)
+  chunk_size = min(chunk_size, max(len(s[0]) for s in sets))
   chunked = [ntk._chunks(s, chunk_size) for s in sets]
   steps = sum(len(c) for c in chunked)
   steps += len(chunked[0]) * (len(chunked[0]) + 1) // 2 if symmetric else len(chunked[0]) * len(chunked[1])
+  keep = (lambda x: x) if jax.default_backend() == "cpu" else jax.device_get  # the host, without a copy on CPU
   with tqdm(total=steps, disable=not progress, desc="structured eNTK", unit="step", leave=False) as bar:
     factors = []
     for chunks in chunked:
       factors.append([])
       for chunk in chunks:
-        factors[-1].append(jax.device_get(_factors(graphdef, plan, direct, frozen, *chunk)))
+        factors[-1].append(keep(_factors(graphdef, plan, direct, frozen, *chunk)))
         bar.update()
     fa, fb = factors[0], factors[-1]
     na, nb = len(sets[0][0]), len(sets[-1][0])
@@ -295,3 +331,36 @@ def logit_kernel(graphdef, params, rest, examples, examples_b=None, *, chunk_siz
           out[b, a] = out[a, b].transpose(1, 0, 3, 2)
         bar.update()
   return out
+
+
+def _nbytes(tree) -> int:
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _compiled_bytes(fn, *args) -> dict:
+  """Arguments, outputs and temporaries of jit `fn` compiled for `args` (shapes suffice), from XLA's analysis."""
+  m = fn.lower(*args).compile().memory_analysis()
+  alias = getattr(m, "alias_size_in_bytes", 0) or 0
+  return {"arguments": int(m.argument_size_in_bytes), "outputs": int(m.output_size_in_bytes),
+          "temp": int(m.temp_size_in_bytes),
+          "total": int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - alias)}
+
+
+def memory_estimate(graphdef, params, rest, *, prompts: int, width: int, outputs: int, chunk_size: int = 8,
+                    strategy: str = "auto") -> dict:
+  """Bytes of a `logit_kernel` run over `prompts` prompts of `width` tokens and |S| = `outputs`, from the compiled
+  memory analysis of its two device functions; params/rest may be abstract (jax.ShapeDtypeStruct leaves).
+
+  factors: one chunk's factor step; contract: one block of two chunks; host_factors: the factors of every prompt
+  kept on the host (and on the device while a block uses two chunks of them); device_peak: the larger step.
+  """
+  plan, graphdef, direct, frozen = _prepare(graphdef, params, rest, width, outputs, strategy)
+  chunk_size = min(chunk_size, prompts)
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+  chunk = (spec(chunk_size, width), spec(chunk_size, width), spec(chunk_size, outputs))
+  factors = _compiled_bytes(_factors, graphdef, plan, direct, frozen, *chunk)
+  shapes = jax.eval_shape(lambda *c: _factors(graphdef, plan, direct, frozen, *c), *chunk)
+  contract = _compiled_bytes(_contract, plan, shapes, shapes)
+  per_prompt = _nbytes(shapes) // chunk_size
+  return {"factors": factors, "contract": contract, "factors_per_prompt": per_prompt,
+          "host_factors": per_prompt * prompts, "device_peak": max(factors["total"], contract["total"])}
