@@ -1,6 +1,7 @@
 """Memory and FLOP planning before paying for a pod: compile the stage steps on abstract shapes, no weights.
 
-python -m dcr_jax.plan --config=configs/gemma.py:VARIANT --devices=N [--kernels] [--out=plan.json] [--config.KEY=VALUE ...]
+python -m dcr_jax.plan --config=configs/gemma.py:VARIANT --devices=N [--kernels] [--out=plan.json] \
+    [--config.KEY=VALUE ...]
 
 --kernels adds the memory of a structured eNTK run (`kernels.*` of the config, one device) the same way.
 """
@@ -138,7 +139,8 @@ def plan_kernels(spec: Spec) -> dict:
   est = structured.memory_estimate(graphdef, params, rest, prompts=3 * kc.n_per_group, width=kc.max_len,
                                    outputs=kc.top_k, chunk_size=kc.chunk_size)
   return {"prompts": 3 * kc.n_per_group, "width": kc.max_len, "outputs": kc.top_k, "params": kc.params,
-          "chunk_size": min(kc.chunk_size, 3 * kc.n_per_group), **est, "compile_seconds": round(time.time() - started, 1)}
+          "chunk_size": min(kc.chunk_size, 3 * kc.n_per_group), **est,
+          "compile_seconds": round(time.time() - started, 1)}
 
 
 def plan(config, devices: int, kernels: bool = False) -> dict:

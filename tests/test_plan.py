@@ -114,8 +114,9 @@ def test_plan_counts_every_microbatch():
 
 
 def test_plan_kernels_structured_memory():
-  """The structured eNTK's plan on tiny Gemma 3 (12 prompts x 64 tokens, |S| = 10): the factor step's arguments are
+  """The structured eNTK's plan on a 2-layer tiny Gemma 3 (12 prompts x 64 tokens, |S| = 10): the factor step's arguments are
   the params, the host keeps every prompt's factors, and the per-prompt factors are the run's own."""
+  import dataclasses
   import importlib.util
 
   from dcr_jax import spec as spec_lib
@@ -126,10 +127,12 @@ def test_plan_kernels_structured_memory():
   module = importlib.util.module_from_spec(loader)
   loader.loader.exec_module(module)
   spec = spec_lib.resolve(module.get_config())
+  arch = spec.model.architecture.replace(num_layers=2, layer_types=spec.model.architecture.layer_types[:2])
+  spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, architecture=arch))
   k = plan_kernels(spec)
-  model = Decoder(spec.model.architecture, rngs=nnx.Rngs(0))
+  model = nnx.eval_shape(lambda: Decoder(spec.model.architecture, rngs=nnx.Rngs(0)))
   graphdef, params, rest = ntk.split_params(model, "all")
-  assert k["factors"]["arguments"] >= sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+  assert k["factors"]["arguments"] >= sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))
   assert k["host_factors"] == k["prompts"] * k["factors_per_prompt"] and k["prompts"] == 12
   tokens = np.ones((k["chunk_size"], k["width"]), np.int32)
   ids = np.zeros((k["chunk_size"], k["outputs"]), np.int32)

@@ -1,8 +1,8 @@
 """The exact first-token logit eNTK from per-layer factors: no parameter-length row is ever formed.
 
-For a projection y_t = a_t W, the gradient of an output z is Σ_t a_t ⊗ δ_t with δ_t = ∂z/∂y_t, so its share of
-K(x, x') is Σ_{t,u} (a_t·a'_u)(δ_t·δ'_u). The δ's are the gradients of z_S with respect to zero perturbations added
-at every projection's output (and at the embedding lookup and the head's pre-cap logits); the a's are the
+For a projection y_t = a_t W, the gradient of an output z is Σ_t a_t ⊗ δ_t with δ_t = ∂z/∂y_t, so its share
+of K(x, x') is Σ_{t,u} (a_t·a'_u)(δ_t·δ'_u). The δ's are the gradients of z_S with respect to zero perturbations
+added at every projection's output (and at the embedding lookup and the head's pre-cap logits); the a's are the
 projections' inputs. Per prompt that is [S T out] per projection instead of [S in·out]. The same holds for
   - the embedding lookup x_t = E[token_t]: a_t is one-hot, so a_t·a'_u = [token_t == token'_u];
   - the head: one position, a = the final-normed hidden h, δ = ∂z/∂(logits before the soft-cap) [V]; a tied head
@@ -117,8 +117,9 @@ def _key(path: tuple) -> str:
 
 
 def _form(strategy: str, t: int, s: int, d_in: int, d_out: int) -> str:
-  """Per prompt pair, gram costs T²·in + S·T²·out + S²·T·out multiply-adds and keeps T·in + S·T·out numbers per
-  prompt; explicit costs S²·in·out and keeps S·in·out. auto takes explicit where it is cheaper and no larger."""
+  """Per prompt pair, gram costs T²·in + S·T²·out + S²·T·out multiply-adds and keeps T·in + S·T·out numbers
+  per prompt; explicit costs S²·in·out and keeps S·in·out. auto takes explicit where it is cheaper and no
+  larger."""
   if strategy != "auto":
     return strategy
   cheaper = s * s * d_in * d_out <= t * t * d_in + s * t * t * d_out + s * s * t * d_out
@@ -222,9 +223,14 @@ def _factors(graphdef, plan, direct, frozen, tokens, mask, ids) -> dict:
 
 
 def _gram(c, ra, rb):
-  """Σ_{t,u} c[t,u] (δ_a[i,t]·δ_b[j,u]) for c [Ca Cb T U], ra [Ca S T O], rb [Cb S' U O] -> [Ca Cb S S']."""
-  x = jnp.einsum("xytu,yjuo->xytjo", c, rb, precision=_HIGHEST)
-  return jnp.einsum("xito,xytjo->xyij", ra, x, precision=_HIGHEST)
+  """Σ_{t,u} c[t,u] (δ_a[i,t]·δ_b[j,u]) for c [Ca Cb T U], ra [Ca S T O], rb [Cb S' U O] -> [Ca Cb S S'], as two
+  batched matmuls in row-major layouts (a quarter faster on CPU than the plain einsums)."""
+  (ca, cb, t, u), s, s2, o = c.shape, ra.shape[1], rb.shape[1], ra.shape[3]
+  c = c.transpose(1, 0, 2, 3).reshape(cb, ca * t, u)
+  x = jnp.matmul(c, rb.transpose(0, 2, 1, 3).reshape(cb, u, s2 * o), precision=_HIGHEST)  # Cb (Ca T) (S' O)
+  x = x.reshape(cb, ca, t, s2, o).transpose(1, 2, 4, 0, 3).reshape(ca, t * o, cb * s2)
+  k = jnp.matmul(ra.reshape(ca, s, t * o), x, precision=_HIGHEST)  # Ca S (Cb S')
+  return k.reshape(ca, s, cb, s2).transpose(0, 2, 1, 3)
 
 
 def _lookup_head(gather, head):
