@@ -320,7 +320,7 @@ def logit_kernel(graphdef, params, rest, examples, examples_b=None, *, chunk_siz
     for chunks in chunked:
       factors.append([])
       for chunk in chunks:
-        factors[-1].append(keep(_factors(graphdef, plan, direct, frozen, *chunk)))
+        factors[-1].append(keep(jax.block_until_ready(_factors(graphdef, plan, direct, frozen, *chunk))))
         bar.update()
     fa, fb = factors[0], factors[-1]
     na, nb = len(sets[0][0]), len(sets[-1][0])
