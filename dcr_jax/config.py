@@ -145,7 +145,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.kernels.params = "all"  # all | up_to_layer | lora | last_n | blocks (no embedding)
   c.kernels.layer = 9  # for up_to_layer
   c.kernels.last_n = 2  # for last_n
-  c.kernels.method = "jvp_vjp"  # jvp_vjp | jacobian
+  c.kernels.method = "jvp_vjp"  # jvp_vjp | jacobian | structured (per-layer factors, no parameter-length rows)
   c.kernels.chunk_size = 4
   c.kernels.out_chunk = 0  # tokens of S per chunk (0 = all); 1 holds one parameter-sized row per prompt at a time
   c.kernels.max_len = 64
