@@ -1,8 +1,10 @@
 """Render bench/results/*.json into one Markdown summary, bench/results.md.
 
-Reads forward.json, train_step.json, generate.json, kernels.json and kernels_270m.json (each optional; a missing
-one is listed as "not run") plus device_mfu.json if present. Every value is looked up defensively: a missing key
-or a partial file shows as "n/a" rather than stopping the render. Only reads JSON; runs no benchmark.
+Reads forward.json, train_step.json, generate.json, kernels.json, kernels_270m.json, load_memory.json and
+capability_parity.json (each optional; a missing one is listed as "not run") plus device_mfu.json and
+pipeline_*.json if present. Every value is looked up defensively: a missing key or a partial file shows as "n/a"
+rather than stopping the render. A timing taken while other processes held >= 0.25 cores (or a file marked
+"contended") is reported as such and its goal is not judged. Only reads JSON; runs no benchmark.
 
     .venv/bin/python bench/results.py [--results bench/results] [--out bench/results.md]
 """
@@ -15,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-BENCHES = ("forward", "train_step", "generate", "kernels", "kernels_270m")
+BENCHES = ("forward", "train_step", "generate", "kernels", "kernels_270m", "load_memory", "capability_parity")
 VERSIONS = ("jax", "jaxlib", "flax", "torch", "transformers")
 NA = "n/a"
 HERE = Path(__file__).resolve().parent
@@ -65,8 +67,15 @@ def fmt_mib(x: Any) -> str:
   return fmt(x, ".0f", " MiB")
 
 
-def met(ok: bool | None) -> str:
-  """yes / no / n/a for a goal check."""
+BUSY = 0.25  # other processes' cores during a timing from which it counts as contended
+NOT_JUDGED = "contended — not judged"
+
+
+def met(ok: bool | None, busy: float | None = None) -> str:
+  """yes / no / n/a for a goal check; "contended — not judged" when the timings behind it ran beside `busy` >=
+  BUSY cores of other processes."""
+  if busy is not None and busy >= BUSY:
+    return NOT_JUDGED
   return NA if ok is None else ("yes" if ok else "no")
 
 
@@ -146,12 +155,18 @@ def header_section(benches: dict[str, dict[str, Any]]) -> list[str]:
   return lines
 
 
-def contention(values: list[Any]) -> str:
-  """A note when other processes kept >= 0.25 cores busy (median over the given cases) during timing, else ""."""
+def busy(values: list[Any]) -> float | None:
+  """The median of the other processes' busy cores over the given timings, None when none was recorded."""
   vals = sorted(x for x in map(num, values) if x is not None)
-  if not vals or vals[len(vals) // 2] < 0.25:
+  return vals[len(vals) // 2] if vals else None
+
+
+def contention(values: list[Any]) -> str:
+  """A note when other processes kept >= BUSY cores busy (median over the given cases) during timing, else ""."""
+  b = busy(values)
+  if b is None or b < BUSY:
     return ""
-  return f"; contended: other processes held ~{vals[len(vals) // 2]:.1f} cores during timing"
+  return f"; contended: other processes held ~{b:.1f} cores during timing"
 
 
 def kernel_summary(cases: Any, method: str) -> tuple[float | None, float | None, str]:
@@ -170,14 +185,15 @@ def kernel_summary(cases: Any, method: str) -> tuple[float | None, float | None,
 
 def ratio_rows(benches: dict[str, dict[str, Any]]) -> list[list[str]]:
   """The rows of the "ratios against a peer" table (one per goal), "not run" where the JSON is missing."""
-  fw, ts, gen, kern, k270 = (benches[n]["data"] for n in BENCHES)
+  fw, ts, gen, kern, k270, mem, cap = (benches[n]["data"] for n in BENCHES)
   rows = []
 
   def missing(label: str, name: str, goal: str) -> list[str]:
     why = benches[name]["error"] or "not run"
     return [label, NA, NA, NA, goal, NA, NA, f"{name}.json {why}"]
 
-  fw_busy = contention([get(fw, "results", c, "other_cores_busy_median") for c in ("ours_full", "torch_full")])
+  fw_cases = [get(fw, "results", c, "other_cores_busy_median") for c in ("ours_full", "torch_full")]
+  fw_busy = contention(fw_cases)
   label = "(a) forward, all-position logits, 8x128, vs transformers"
   if fw is None:
     rows.append(missing(label, "forward", ">= 1.0x"))
@@ -185,7 +201,7 @@ def ratio_rows(benches: dict[str, dict[str, Any]]) -> list[list[str]]:
     r = get(fw, "ratios", "a_full_logits__torch_full_over_ours_full", "median_of_round_ratios")
     mins = get(fw, "ratios", "a_full_logits__torch_full_over_ours_full", "ratio_of_mins")
     rows.append([label, fmt_s(get(fw, "results", "ours_full", "median_s")),
-                 fmt_s(get(fw, "results", "torch_full", "median_s")), fmt_x(r), ">= 1.0x", met(at_least(r, 1.0)),
+                 fmt_s(get(fw, "results", "torch_full", "median_s")), fmt_x(r), ">= 1.0x", met(at_least(r, 1.0), busy(fw_cases)),
                  fmt_mib(peak_rss(fw)), f"median of per-round ratios; ratio of mins {fmt_x(mins)}; "
                  "RSS is one process holding both models" + fw_busy])
 
@@ -195,12 +211,15 @@ def ratio_rows(benches: dict[str, dict[str, Any]]) -> list[list[str]]:
   else:
     r = get(fw, "ratios", "b_prefill__torch_full_over_ours_last", "median_of_round_ratios")
     vs_last = get(fw, "ratios", "b_prefill__torch_last_over_ours_last", "median_of_round_ratios")
+    cases = [get(fw, "results", c, "other_cores_busy_median") for c in ("ours_last", "torch_full")]
     rows.append([label, fmt_s(get(fw, "results", "ours_last", "median_s")),
-                 fmt_s(get(fw, "results", "torch_full", "median_s")), fmt_x(r), ">= 2.0x", met(at_least(r, 2.0)),
-                 fmt_mib(peak_rss(fw)),
+                 fmt_s(get(fw, "results", "torch_full", "median_s")), fmt_x(r), ">= 2.0x",
+                 met(at_least(r, 2.0), busy(cases)), fmt_mib(peak_rss(fw)),
                  f"vs HF logits_to_keep=1 ({fmt_s(get(fw, 'results', 'torch_last', 'median_s'))}): {fmt_x(vs_last)}"
-                 + contention([get(fw, "results", c, "other_cores_busy_median") for c in ("ours_last", "torch_full")])])
+                 + contention(cases)])
 
+  stage2_cases = [get(ts, "results", c, "other_cores_busy_median") for c in ("stage2_full", "torch_stage2_full")]
+  stage1_cases = [get(ts, "results", c, "other_cores_busy_median") for c in ("stage1_l9", "stage1_l18")]
   label = "(c) stage-2 step, full FT, AdamW, 8x128, vs transformers+torch"
   if ts is None:
     rows.append(missing(label, "train_step", ">= 1.5x"))
@@ -208,11 +227,10 @@ def ratio_rows(benches: dict[str, dict[str, Any]]) -> list[list[str]]:
     r = get(ts, "summary", "stage2_torch_over_ours")
     rows.append([label, fmt_s(get(ts, "results", "stage2_full", "median_s")),
                  fmt_s(get(ts, "results", "torch_stage2_full", "median_s")), fmt_x(r), ">= 1.5x",
-                 met(at_least(r, 1.5)), fmt_mib(peak_rss(ts)),
+                 met(at_least(r, 1.5), busy(stage2_cases)), fmt_mib(peak_rss(ts)),
                  f"on CPU time {fmt_x(get(ts, 'summary', 'stage2_torch_over_ours_cpu_time'))}; torch ran in its own "
                  f"process, peak RSS {fmt_mib(get(ts, 'results', 'torch_stage2_full', 'peak_rss_mib'))}"
-                 + contention([get(ts, "results", c, "other_cores_busy_median")
-                               for c in ("stage2_full", "torch_stage2_full")])])
+                 + contention(stage2_cases)])
 
   label = "(d) stage-2 step, fraction of this CPU's fp32 matmul peak"
   if ts is None:
@@ -221,7 +239,7 @@ def ratio_rows(benches: dict[str, dict[str, Any]]) -> list[list[str]]:
     r = get(ts, "summary", "stage2_fraction_of_peak")
     rows.append([label, fmt(get(ts, "results", "stage2_full", "gflops"), ".0f", " GFLOP/s"),
                  fmt(get(ts, "matmul_peak", "peak_gflops"), ".0f", " GFLOP/s peak"), fmt(r, ".2f"), ">= 0.70",
-                 met(at_least(r, 0.70)), fmt_mib(peak_rss(ts)),
+                 met(at_least(r, 0.70), busy(stage2_cases[:1])), fmt_mib(peak_rss(ts)),
                  "ratio = ours / peak; peak = best jitted 2048^2 jnp.dot / torch.mm median; on CPU time "
                  f"{fmt(get(ts, 'summary', 'stage2_cpu_time_fraction_of_jax_dot'), '.2f')} of jnp.dot"])
 
@@ -232,7 +250,8 @@ def ratio_rows(benches: dict[str, dict[str, Any]]) -> list[list[str]]:
     r = num(get(ts, "summary", "stage1_l9_over_l18"))
     rows.append([label, fmt_s(get(ts, "results", "stage1_l9", "median_s")) + " (l=9)",
                  fmt_s(get(ts, "results", "stage1_l18", "median_s")) + " (l=18, ours)", fmt(r, ".2f"),
-                 "~0.5 (0.4-0.6)", met(None if r is None else abs(r - 0.5) <= 0.1), fmt_mib(peak_rss(ts)),
+                 "~0.5 (0.4-0.6)", met(None if r is None else abs(r - 0.5) <= 0.1, busy(stage1_cases)),
+                 fmt_mib(peak_rss(ts)),
                  "ratio = ours l9 / ours l18 time, lower is better; frozen embedding "
                  f"{fmt(get(ts, 'summary', 'stage1_l9_over_l18_frozen_emb'), '.2f')}"])
 
@@ -241,12 +260,13 @@ def ratio_rows(benches: dict[str, dict[str, Any]]) -> list[list[str]]:
     rows.append(missing(label, "generate", ">= 3.0x"))
   else:
     r = get(gen, "summary", "hf_over_ours")
+    cases = [get(gen, "results", c, "other_cores_busy_median") for c in ("ours", "hf")]
     rows.append([label, fmt_s(get(gen, "results", "ours", "median_s")), fmt_s(get(gen, "results", "hf", "median_s")),
-                 fmt_x(r), ">= 3.0x", met(at_least(r, 3.0)), fmt_mib(peak_rss(gen)),
+                 fmt_x(r), ">= 3.0x", met(at_least(r, 3.0), busy(cases)), fmt_mib(peak_rss(gen)),
                  f"decode only {fmt_x(get(gen, 'summary', 'hf_over_ours_decode'))}, prefill "
                  f"{fmt_x(get(gen, 'summary', 'hf_over_ours_prefill'))}; greedy tokens identical in "
                  f"{txt(get(gen, 'agreement', 'rows_identical'))}/{txt(get(gen, 'agreement', 'rows'))} rows"
-                 + contention([get(gen, "results", c, "other_cores_busy_median") for c in ("ours", "hf")])])
+                 + contention(cases)])
 
   for method in ("jacobian", "jvp_vjp", "structured"):
     label = f"(g) eNTK logit_kernel {method} vs naive vmap(jacrev)+einsum"
@@ -256,9 +276,10 @@ def ratio_rows(benches: dict[str, dict[str, Any]]) -> list[list[str]]:
     cases = get(kern, "cases") if isinstance(get(kern, "cases"), list) else []
     best, worst, note = kernel_summary(cases, method)
     ratio = NA if best is None else f"{fmt_x(worst)} - {fmt_x(best)}"
-    rows.append([label, "per case below", "per case below", ratio, ">= 10x", met(at_least(worst, 10.0)),
+    others = [get(c, "others_busy") for c in cases]
+    rows.append([label, "per case below", "per case below", ratio, ">= 10x", met(at_least(worst, 10.0), busy(others)),
                  fmt_mib(peak_rss(kern)), f"wall speedup, worst - best; {note}; RSS of the whole sweep"
-                 + contention([get(c, "others_busy") for c in cases])])
+                 + contention(others)])
 
   label = "(g) eNTK structured vs torch.func vmap(jacrev) of the transformers model"
   if kern is not None:
@@ -287,7 +308,45 @@ def ratio_rows(benches: dict[str, dict[str, Any]]) -> list[list[str]]:
                  f"{fmt(get(k270, 'symmetry_max_abs_diff_over_max'), '.1e')}, min/max eigenvalue "
                  f"{fmt(get(k270, 'min_eigenvalue_over_max'), '.1e')}, {get(k270, 'config', 'method') or 'jvp_vjp'} vs "
                  f"{get(k270, 'method_check', 'against') or 'jacobian'} {fmt(check, '.1e')}"])
+
+  label = "(i) peak host RSS loading gemma-3-270m, scan_layers vs per-layer"
+  if mem is None:
+    rows.append(missing(label, "load_memory", "<= 1.10x; scan load <= 1.2x params"))
+  else:
+    ratio, over = get(mem, "scan_over_layers_peak"), get(mem, "scan_load_over_params")
+    ok = None if num(ratio) is None or num(over) is None else (num(ratio) <= 1.10 and num(over) <= 1.2)
+    rows.append([label, fmt_mib(get(mem, "rows", 1, "peak_mib")) + " (scan)",
+                 fmt_mib(get(mem, "rows", 0, "peak_mib")) + " (per-layer)", fmt_x(ratio),
+                 "<= 1.10x; scan load <= 1.2x params", met(ok), fmt_mib(get(mem, "rows", 1, "peak_mib")),
+                 f"scan load (peak - baseline) {fmt_x(over)} the params ({fmt_mib(get(mem, 'rows', 1, 'params_mib'))});"
+                 " memory, not time: contention does not change it"])
+
+  label = "(j) capability accuracy vs lm-evaluation-harness (HF backend), same questions"
+  if cap is None:
+    rows.append(missing(label, "capability_parity", "equal accuracy"))
+  else:
+    tasks = get(cap, "tasks") if isinstance(get(cap, "tasks"), dict) else {}
+    same = [get(t, "ours") == get(t, "harness") for t in tasks.values()]
+    worst = max((num(get(t, "loglik_max_abs_diff")) or 0.0 for t in tasks.values()), default=None)
+    rows.append([label, ", ".join(f"{k} {fmt(get(t, 'ours', 'acc'), '.2f')}" for k, t in tasks.items()),
+                 ", ".join(f"{k} {fmt(get(t, 'harness', 'acc'), '.2f')}" for k, t in tasks.items()), NA,
+                 "equal accuracy", met(all(same) if same else None), NA,
+                 f"acc and acc_norm per task; max |d loglik| {fmt(worst, '.1e')}; n={txt(get(cap, 'n'))} per task"])
   return rows
+
+
+def pipeline_lines(results: Path) -> list[str]:
+  """One line per pipeline_*.json (a whole `dcr_jax.main` run): command, wall and CPU time, contended or not."""
+  lines = []
+  for path in sorted(results.glob("pipeline_*.json")):
+    try:
+      data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+      lines.append(f"- `{path.name}`: unreadable ({type(e).__name__})")
+      continue
+    state = NOT_JUDGED if get(data, "contended") else "not contended"
+    lines.append(f"- `{path.name}`: `{txt(get(data, 'command'))}` ({state}): {txt(get(data, 'note'))}")
+  return lines or ["No pipeline run recorded."]
 
 
 def kernel_cases(kern: Any) -> list[str]:
@@ -338,8 +397,9 @@ def render(results: Path) -> str:
            "CPU, float32, gemma-3-270m weights unless stated; times are medians.", ""]
   lines += header_section(benches)
   lines += ["", "## Ratios against a peer measured in the same run", "",
-            "ratio = peer time / our time (> 1: we are faster), except (d) and (e) as noted. "
-            "Peak RSS is the bench process's maximum.", ""]
+            "ratio = peer time / our time (> 1: we are faster), except (d), (e) and (i) as noted. "
+            "Peak RSS is the bench process's maximum. A timing taken while other processes held >= "
+            f"{BUSY} cores is reported but its goal is not judged (\"{NOT_JUDGED}\").", ""]
   lines += table(["benchmark", "ours", "peer", "ratio", "goal", "met?", "our peak RSS", "notes"],
                  ratio_rows(benches))
   lines += ["", "### eNTK cases (random-init tiny Gemma 3, all params; memory is XLA's compiled estimate)", ""]
@@ -348,6 +408,7 @@ def render(results: Path) -> str:
     lines.append(f"kernels.json {kern['error'] or 'not run'}.")
   else:
     lines += kernel_cases(kern["data"])
+  lines += ["", "## Whole pipeline runs", "", *pipeline_lines(results)]
   lines += ["", "## Accelerator", "", device_line(benches["device_mfu"]), ""]
   return "\n".join(lines)
 

@@ -13,7 +13,7 @@ run() { echo "[$(date +%T)] $*" | tee -a "$OUT/commands.log"; "$@"; }
 #    the largest margin val_refusal_prob_toxic - val_refusal_prob_seemingly_toxic at the last step.
 for LR in 1e-4 3e-4; do
   run $PY -m dcr_jax.main --config=$CONFIG:stl --workdir="$OUT/stl-lr$LR" --config.stages=align \
-    --config.align.lr=$LR
+    --config.align.lr="$LR"
 done
 LR=$($PY - "$OUT" <<'PYEOF'
 import json, sys
@@ -33,14 +33,14 @@ echo "chosen stage-2 lr: $LR" | tee -a "$OUT/commands.log"
 
 # 2. The three runs with that learning rate (STL reuses its validation run's training; evaluate is added).
 run $PY -m dcr_jax.main --config=$CONFIG:stl --workdir="$OUT/stl-lr$LR" --config.stages=align,evaluate \
-  --config.align.lr=$LR
+  --config.align.lr="$LR"
 ln -sfn "stl-lr$LR" "$OUT/stl"
-run $PY -m dcr_jax.main --config=$CONFIG:dcr --workdir="$OUT/dcr" --config.align.lr=$LR
-run $PY -m dcr_jax.main --config=$CONFIG:stl-aug --workdir="$OUT/stl-aug" --config.align.lr=$LR
+run $PY -m dcr_jax.main --config=$CONFIG:dcr --workdir="$OUT/dcr" --config.align.lr="$LR"
+run $PY -m dcr_jax.main --config=$CONFIG:stl-aug --workdir="$OUT/stl-aug" --config.align.lr="$LR"
 
 # 3. Kernel similarity and refusal probability over checkpoints (base, after stage 1, stage-2 checkpoints).
-run $PY -m dcr_jax.kernels --config=$CONFIG:stl --workdir="$OUT/stl" --config.align.lr=$LR
-run $PY -m dcr_jax.kernels --config=$CONFIG:dcr --workdir="$OUT/dcr" --config.align.lr=$LR --compare="$OUT/stl"
+run $PY -m dcr_jax.kernels --config=$CONFIG:stl --workdir="$OUT/stl" --config.align.lr="$LR"
+run $PY -m dcr_jax.kernels --config=$CONFIG:dcr --workdir="$OUT/dcr" --config.align.lr="$LR" --compare="$OUT/stl"
 
 # 4. Table 1 layout and the bar chart.
 run $PY -m dcr_jax.report "$OUT/stl" "$OUT/stl-aug" "$OUT/dcr" --out "$OUT/table.md" --png "$OUT/table.png"

@@ -1,7 +1,7 @@
 """The exact first-token eNTK equals an explicit jacrev J_a J_bᵀ on every path, and predicts first-order changes.
 
 Runs in float64 (scoped to this module) on a 2-layer Gemma 3 with LoRA adapters, so every parameter subset exists.
-The sharded check (params split FSDP x tensor over 8 fake devices) is opt-in with --runslow.
+The sharded check (params split FSDP x tensor over 8 fake devices) runs in an 8-device child process.
 """
 
 from multidevice import EIGHT, IN_CHILD, rerun_in_child  # sets XLA_FLAGS before jax starts
@@ -60,16 +60,22 @@ def prompts():
 
 
 @pytest.fixture(scope="module")
-def setup(x64):
-  """Model, prompts, the explicit full-vocabulary jacrev Jacobians {path: [V ...]} per prompt, and kernel cache."""
-  model = make_model()
+def base(x64):
+  """Model, prompts and the split and kernel caches."""
   tokens, mask = prompts()
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return {"model": make_model(), "tokens": tokens, "mask": mask, "splits": {}, "kernels": {}}
+
+
+@pytest.fixture(scope="module")
+def setup(base):
+  """`base` with the explicit full-vocabulary jacrev Jacobians {path: [V ...]} per prompt."""
+  tokens, mask = base["tokens"], base["mask"]
+  graphdef, params, rest = nnx.split(base["model"], nnx.Param, ...)
   f = ntk.first_token_logits_fn(graphdef, rest)
   jac = jax.jit(lambda p, t, m: jax.jacrev(lambda q: f(q, t[None], m[None]))(p))
-  full = [{path: np.asarray(v[...]) for path, v in nnx.to_flat_state(jac(params, tokens[i], mask[i]))}
-          for i in range(N)]
-  return {"model": model, "tokens": tokens, "mask": mask, "jacobians": full, "splits": {}, "kernels": {}}
+  base["jacobians"] = [{path: np.asarray(v[...]) for path, v in nnx.to_flat_state(jac(params, tokens[i], mask[i]))}
+                       for i in range(N)]
+  return base
 
 
 def split(setup, kind):
@@ -240,28 +246,25 @@ def test_subsets_and_errors(setup):
     ntk.pairwise_kernel(lambda p, x: x, {}, np.zeros((2, 1)), method="fd")
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(EIGHT or IN_CHILD, reason="this process already has 8 devices")
 def test_in_8_device_subprocess():
   rerun_in_child(__file__ + "::test_sharded_kernel_equals_single_device")
 
 
 @pytest.mark.skipif(not EIGHT, reason="runs with 8 devices (test_in_8_device_subprocess)")
-def test_sharded_kernel_equals_single_device(setup, request):
+def test_sharded_kernel_equals_single_device(base):
   """LoRA params and the frozen rest split 4-way FSDP x 2-way tensor: the kernel equals the 1-device one."""
-  if not (IN_CHILD or request.config.getoption("--runslow")):
-    pytest.skip("slow: opt in with --runslow")
   mesh = parallel.make_mesh(1, 4, 2)
-  graphdef, params, rest = split(setup, "lora")  # the base weights ride along, sharded, in rest
+  graphdef, params, rest = split(base, "lora")  # the base weights ride along, sharded, in rest
   params, rest = (parallel.shard_pytree(x, parallel.state_shardings(x, mesh)) for x in (params, rest))
   assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in jax.tree.leaves(params))
   f = ntk.first_token_logits_fn(graphdef, rest)
   shardings = ntk._param_shardings(params)
-  chunk = ntk._chunks(ntk._with_ids(setup["tokens"], setup["mask"], IDS), 2)[0]
+  chunk = ntk._chunks(ntk._with_ids(base["tokens"], base["mask"], IDS), 2)[0]
   basis = np.eye(len(IDS), dtype=np.float32)
   rows = ntk._jacobians(Partial(ntk._restricted_logits, f), params, chunk, basis, shardings)  # per-example grads
   for r, s in zip(jax.tree.leaves(rows), shardings):  # [C S ...param] keep the parameter's split
     assert r.sharding.is_equivalent_to(NamedSharding(mesh, P(None, None, *s.spec)), r.ndim), (r.sharding, s)
   for method in ROW_METHODS:
-    k = ntk.logit_kernel(f, params, setup["tokens"], setup["mask"], IDS, method=method, chunk_size=2, progress=False)
-    np.testing.assert_allclose(k, kernel(setup, "lora", method, 2), rtol=1e-10, atol=0)
+    k = ntk.logit_kernel(f, params, base["tokens"], base["mask"], IDS, method=method, chunk_size=2, progress=False)
+    np.testing.assert_allclose(k, kernel(base, "lora", method, 2), rtol=1e-10, atol=0)

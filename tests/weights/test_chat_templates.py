@@ -4,11 +4,13 @@ covers exactly the response and its end-of-turn token, Gemma's encoding is uncha
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import dcr_jax
 from dcr_jax.errors import UserError
-from dcr_jax.weights import embedded_gguf_path, encode_chat, load_tokenizer, response_ids, stop_token_ids
+from dcr_jax.weights import (embedded_gguf_path, encode_chat, load_model, load_tokenizer, response_ids,
+                             stop_token_ids)
 from dcr_jax.weights.sources import GGUFSource
 from dcr_jax.weights.tokenizer import GEMMA_CHAT_TEMPLATE, tiny_tokenizer, with_chat_template
 
@@ -133,3 +135,38 @@ def test_template_override_and_missing_template(tokenizers):
   assert encode_chat(with_chat_template(bare, QWEN3_TEMPLATE), "hi") == encode_chat(tokenizers["qwen3"][0], "hi")
   assert with_chat_template(bpe_tokenizer(*FAMILIES["qwen2"][:2], None), gemma=True).chat_template == \
       GEMMA_CHAT_TEMPLATE
+
+
+def test_save_pretrained_directory_brings_its_tokenizer_and_template(tokenizers, tmp_path):
+  """A Qwen2 directory written by transformers' save_pretrained (model, then tokenizer: tokenizer.json,
+  tokenizer_config.json, the template) loads through load_model with that tokenizer, template and stop tokens, and
+  the model's logits on a chat prompt equal transformers'."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  tokenizer, end = tokenizers["qwen2"]
+  hf_cfg = transformers.Qwen2Config(vocab_size=768, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                    rope_parameters={"rope_type": "default", "rope_theta": 10_000.0})
+  assert len(tokenizer) <= hf_cfg.vocab_size
+  reference = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager").eval()
+  generator = torch.Generator().manual_seed(0)
+  with torch.no_grad():
+    for p in reference.parameters():
+      p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+  reference.save_pretrained(tmp_path)
+  tokenizer.save_pretrained(tmp_path)
+  assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in tmp_path.iterdir()}
+
+  model, loaded = load_model(str(tmp_path), progress=False)
+  assert loaded.get_vocab() == tokenizer.get_vocab() and loaded.chat_template == QWEN25_TEMPLATE
+  theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))  # what transformers makes of the directory
+  for prompt, response in PAIRS[:20]:
+    ids, _ = encode_chat(loaded, prompt, response)
+    full = theirs.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+                                      tokenize=True)["input_ids"]
+    assert ids == full[:len(ids)] and theirs.decode(full[len(ids):]).strip() == ""
+  assert loaded.convert_tokens_to_ids(end) in stop_token_ids(loaded)
+  ids = encode_chat(loaded, PAIRS[0][0])[0]
+  with torch.no_grad():
+    theirs = reference(torch.tensor([ids])).logits.numpy()
+  assert np.abs(np.asarray(model(np.asarray([ids], np.int32))) - theirs).max() <= 1e-4

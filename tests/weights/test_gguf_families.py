@@ -1,5 +1,6 @@
-"""GGUF files of the llama, qwen2 and qwen3 architectures, written as llama.cpp writes them (q/k rows of llama
-permuted, no output.weight for a tied head, quantized blocks, rope_freqs for Llama 3.1 scaling), load to our params."""
+"""GGUF files of the gemma, gemma2, llama, qwen2 and qwen3 architectures, written with the `gguf` package's writer
+as llama.cpp writes them (q/k rows of llama permuted, Gemma norms as 1 + w, no output.weight for a tied head,
+quantized blocks, rope_freqs for Llama 3.1 scaling), load to our params and the source model's logits."""
 
 import gguf
 import numpy as np
@@ -10,7 +11,7 @@ from dcr_jax.errors import UserError
 from dcr_jax.model import tiny
 from dcr_jax.weights import resolve_source
 from dcr_jax.weights.loader import load_params
-from dcr_jax.weights.tables import LINEAR, weight_table
+from dcr_jax.weights.tables import LINEAR, NORM, weight_table
 from dcr_jax.model.layers import llama3_inverse_frequencies, rope_inverse_frequencies
 from helpers import random_model
 
@@ -18,9 +19,15 @@ LLAMA3 = dict(rope_theta_global=500_000.0, rope_theta_local=500_000.0, rope_type
               rope_original_max_positions=8192)
 
 
-# how llama.cpp records head_dim per architecture (none for qwen2: embedding_length / head_count)
-HEAD_DIM_KEY = {"llama": lambda cfg: {"rope_dimension_count": cfg.head_dim},
-                "qwen2": lambda cfg: {}, "qwen3": lambda cfg: {"key_length": cfg.head_dim}}
+# how llama.cpp records head_dim per architecture (none for qwen2: embedding_length / head_count), and Gemma 2's
+# soft-caps and window
+GEMMA_HEAD_DIM = lambda cfg: {"key_length": cfg.head_dim, "value_length": cfg.head_dim}
+ARCH_KEYS = {"llama": lambda cfg: {"rope_dimension_count": cfg.head_dim},
+             "qwen2": lambda cfg: {}, "qwen3": lambda cfg: {"key_length": cfg.head_dim},
+             "gemma": GEMMA_HEAD_DIM,
+             "gemma2": lambda cfg: {**GEMMA_HEAD_DIM(cfg), "attn_logit_softcapping": cfg.attn_logit_softcap,
+                                    "final_logit_softcapping": cfg.final_logit_softcap,
+                                    "sliding_window": cfg.sliding_window}}
 
 
 def llama_cpp_permute(rows: np.ndarray, heads: int) -> np.ndarray:
@@ -29,14 +36,15 @@ def llama_cpp_permute(rows: np.ndarray, heads: int) -> np.ndarray:
 
 
 def write_gguf(model, path, arch, quant=None, rope_freqs=None, **overrides):
-  """`model` as a llama.cpp GGUF of `arch`: tensors [out in], q/k permuted for llama, 2-D weights in `quant`."""
+  """`model` as a llama.cpp GGUF of `arch`: tensors [out in], q/k permuted for llama, Gemma norms stored as 1 + w,
+  2-D weights in `quant`. Returns {our path: the tensor as the file holds it}."""
   cfg = model.config
   writer = gguf.GGUFWriter(str(path), arch)
   meta = dict(block_count=cfg.num_layers, context_length=cfg.max_position_embeddings,
               embedding_length=cfg.embed_dim, feed_forward_length=cfg.mlp_dim, head_count=cfg.num_heads,
               head_count_kv=cfg.num_kv_heads, rope_freq_base=cfg.rope_theta_global, layer_norm_rms_eps=cfg.norm_eps,
               vocab_size=cfg.vocab_size)
-  meta.update(HEAD_DIM_KEY[arch](cfg), **overrides)
+  meta.update(ARCH_KEYS[arch](cfg), **overrides)
   for key, value in meta.items():
     getattr(writer, f"add_{key}")(value)
   state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
@@ -47,6 +55,8 @@ def write_gguf(model, path, arch, quant=None, rope_freqs=None, **overrides):
       value = value.T
     if arch == "llama" and entry.heads:
       value = llama_cpp_permute(value, getattr(cfg, entry.heads))
+    if arch.startswith("gemma") and entry.kind == NORM:
+      value = value + 1.0
     if quant is not None and value.ndim == 2:
       stored = gguf.quants.quantize(value, quant)
       writer.add_tensor(entry.gguf, stored, raw_shape=stored.shape, raw_dtype=quant)
@@ -74,10 +84,14 @@ def llama3_factors(cfg):
     ("llama", tiny("llama", tie_embeddings=False), gguf.GGMLQuantizationType.Q8_0),
     ("qwen2", tiny("qwen2", tie_embeddings=False), gguf.GGMLQuantizationType.Q8_0),
     ("qwen3", tiny("qwen3", tie_embeddings=True), None),
+    ("gemma", tiny("gemma"), None),
+    ("gemma", tiny("gemma"), gguf.GGMLQuantizationType.Q8_0),
+    ("gemma2", tiny("gemma2", query_pre_attn_scalar=256), None),  # the query scale llama.cpp assumes for Gemma 2
 ])
 def test_gguf_loads_to_our_params(arch, config, quant, tmp_path):
-  """Config from the metadata (tied iff no output.weight; llama3 scaling from rope_freqs), params equal to what the
-  file holds after dequantisation, q/k un-permuted for llama only, and the same logits as the source model."""
+  """Config from the metadata (tied iff no output.weight; llama3 scaling from rope_freqs; Gemma 2's caps and
+  window), params equal to what the file holds after dequantisation (q/k un-permuted for llama only, 1 taken off
+  Gemma's norms), and the same logits as the source model."""
   model = random_model(config, seed=2)
   path = tmp_path / f"{arch}.gguf"
   freqs = llama3_factors(config) if config.rope_type == "llama3" else None
@@ -92,7 +106,10 @@ def test_gguf_loads_to_our_params(arch, config, quant, tmp_path):
       ours = ours.T
     if arch == "llama" and entry.heads:
       ours = llama_cpp_permute(ours, getattr(cfg, entry.heads))
-    np.testing.assert_array_equal(ours, expected[entry.path], err_msg=entry.gguf)
+    held = expected[entry.path]
+    if arch.startswith("gemma") and entry.kind == NORM:
+      held = held - 1.0  # the loader's own arithmetic: exact
+    np.testing.assert_array_equal(ours, held, err_msg=entry.gguf)
   tokens = np.arange(1, 13)[None]
   tolerance = 1e-5 if quant is None else 0.2  # Q8_0 rounds every weight
   np.testing.assert_allclose(np.asarray(loaded(tokens)), np.asarray(model(tokens)), atol=tolerance)
