@@ -4,9 +4,11 @@ its program, workdir files, the report."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from etils import epath
 from flax import nnx
@@ -53,6 +55,31 @@ def build_model(spec: Spec, mesh=None) -> tuple[Decoder, object]:
   if spec.mesh.constrain_activations and mesh is not None:
     model.constrain_activations = parallel.activation_constraint(mesh)
   return model, tokenizer
+
+
+class ModelCache:
+  """Models built once per (model spec, random-init seed, mesh), each caller getting its own copy of the weights
+  (training donates its state's buffers, so two runs never share arrays): a sweep loads the weights and tokenizer
+  once for all its points. `build_seconds` and `copy_seconds` list what each build and each copy took."""
+
+  def __init__(self):
+    self._built = {}
+    self.build_seconds: list[float] = []
+    self.copy_seconds: list[float] = []
+
+  def get(self, spec: Spec, mesh=None) -> tuple[Decoder, object]:
+    """(a copy of the model, the tokenizer) for `spec`, as `build_model(spec, mesh)` returns them."""
+    key = (spec.model, spec.seed if spec.model.random_init else None, spec.mesh, mesh)
+    if key not in self._built:
+      started = time.perf_counter()
+      self._built[key] = build_model(spec, mesh)
+      self.build_seconds.append(time.perf_counter() - started)
+    model, tokenizer = self._built[key]
+    started = time.perf_counter()
+    graphdef, state = nnx.split(model)
+    copy = nnx.merge(graphdef, jax.block_until_ready(jax.tree.map(jnp.copy, state)))
+    self.copy_seconds.append(time.perf_counter() - started)
+    return copy, tokenizer
 
 
 STAGE_PROGRAMS = {"refine": refine.program, "align": align.program}
