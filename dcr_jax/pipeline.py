@@ -14,6 +14,7 @@ from etils import epath
 from flax import nnx
 
 from dcr_jax import checkpoints, parallel
+from dcr_jax.config import base_config
 from dcr_jax.spec import TRAINING_STAGES, Spec
 from dcr_jax.errors import UserError
 from dcr_jax.model import Decoder
@@ -112,7 +113,7 @@ def prepare_workdir(workdir: epath.PathLike, config: ml_collections.ConfigDict) 
   config_file = workdir / "config.json"
   resolved = json.loads(config.to_json_best_effort())
   if config_file.is_file():
-    previous = json.loads(config_file.read_text())
+    previous = _with_defaults(json.loads(config_file.read_text()), json.loads(base_config().to_json_best_effort()))
     changed = _first_difference({k: previous.get(k) for k in TRAINING_KEYS}, {k: resolved.get(k) for k in
                                                                               TRAINING_KEYS})
     new_training = _training_stages(config.stages)
@@ -125,6 +126,18 @@ def prepare_workdir(workdir: epath.PathLike, config: ml_collections.ConfigDict) 
       resolved["stages"] = previous.get("stages")
   ensure_dir(workdir)
   write_json(config_file, resolved)
+
+
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+  """A config.json written before keys were added to the schema, with those keys at their defaults (so a workdir
+  from an earlier version resumes unless a new key is set away from its default)."""
+  out = dict(saved)
+  for key, value in defaults.items():
+    if key not in out:
+      out[key] = value
+    elif isinstance(value, dict) and isinstance(out[key], dict):
+      out[key] = _with_defaults(out[key], value)
+  return out
 
 
 def _first_difference(a, b, prefix="config") -> str | None:

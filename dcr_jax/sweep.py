@@ -287,7 +287,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: epath.PathLike, grid: 
   for (point, point_cfg), spec in zip(tqdm(todo, desc="sweep", disable=not show_progress, dynamic_ncols=True),
                                       specs):
     point_dir = workdir / point.name
-    status = "done"
+    status, error = "done", None
     if _finished(point_dir, spec):
       skipped += 1
     else:
@@ -295,8 +295,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: epath.PathLike, grid: 
       try:
         pipeline_main.run(point_cfg, point_dir, models=models)
       except TrainingDiverged as e:
-        status = f"diverged: {e}"
-    rows.append(summarize(point, point_dir, spec, objective, status))
+        status, error = "diverged", str(e)
+    rows.append({**summarize(point, point_dir, spec, objective, status), **({"error": error} if error else {})})
     _write(workdir, objective, grid, rows, {"ran": ran, "skipped": skipped, "seconds": round(time.time() - started, 2),
                                             "model_build_seconds": [round(s, 3) for s in models.build_seconds],
                                             "model_copy_seconds": [round(s, 3) for s in models.copy_seconds]})
@@ -342,8 +342,10 @@ def main(argv):
     result = run_sweep(f["config"], workdir, parse_grid(f["grid"], f["config"]),
                        parse_seeds(f["seeds"], f["config"].seed), f["objective"])
     run = result["this_invocation"]
+    built, copied = run["model_build_seconds"], run["model_copy_seconds"]
+    reuse = f"; model built {len(built)}× ({sum(built):.1f} s), copied {len(copied)}× ({sum(copied):.1f} s)"
     return (f"done: {workdir / 'sweep.md'} ({len(result['points'])} points: {run['ran']} run, {run['skipped']} "
-            f"already finished)")
+            f"already finished{reuse if built else ''})")
 
   run_command(body)
 

@@ -1,5 +1,7 @@
 """Stage-1 options: early stopping on the contrastive loss (and resuming a stopped stage), the L2-SP pull to θ₀."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,3 +161,19 @@ def test_negative_values_are_refused_naming_the_key(key):
   config.refine[key] = -1 if key == "patience" else -1.0
   with pytest.raises(UserError, match=f"config.refine.{key}=-1"):
     resolve(config)
+
+
+def test_a_workdir_written_before_the_new_keys_resumes_unless_one_is_set(tmp_path):
+  from dcr_jax.pipeline import prepare_workdir
+
+  config = base_config()
+  prepare_workdir(tmp_path, config)
+  saved = json.loads((tmp_path / "config.json").read_text())
+  for key in ("l2sp", "patience", "min_delta"):
+    del saved["refine"][key]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  prepare_workdir(tmp_path, config)  # the defaults are what the earlier version ran
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  config.refine.patience = 3
+  with pytest.raises(UserError, match="config.refine.patience"):
+    prepare_workdir(tmp_path, config)
