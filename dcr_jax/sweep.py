@@ -22,6 +22,7 @@ import sys
 import time
 from typing import Any, Callable
 
+import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
@@ -181,7 +182,8 @@ def summarize(point: Point, workdir: epath.Path, spec: spec_lib.Spec, objective:
   stages = report.get("stages") or {}
   val = validation(workdir, spec)
   rule = OBJECTIVES[objective]
-  score = rule.score(val) if all(g in val for g in rule.groups) else None
+  # a diverged point is not ranked by the validation of the stage before the one that diverged
+  score = rule.score(val) if status == "done" and all(g in val for g in rule.groups) else None
   probe = (stages.get("refine") or {}).get("probe") or {}
   summary = report.get("eval_summary") or {}
   return {"name": point.name, "setting": point.setting, "overrides": dict(point.overrides), "seed": point.seed,
@@ -328,6 +330,9 @@ def _define_flags() -> dict:
       "seeds": flags.DEFINE_string("seeds", "", "Comma-separated seeds, each run at every setting (default: "
                                    "config.seed)."),
       "objective": flags.DEFINE_string("objective", "margin", f"Validation objective: {', '.join(OBJECTIVES)}."),
+      "compilation_cache": flags.DEFINE_string("compilation_cache", "<workdir>/jax_cache", "JAX's persistent "
+                                               "compilation cache: points whose programs are the same (e.g. seeds) "
+                                               "and re-runs reuse compiled steps; '' = off."),
   }
 
 
@@ -339,6 +344,8 @@ def main(argv):
 
   def body() -> str:
     workdir = check_workdir(f["workdir"])
+    if f["compilation_cache"]:  # before anything compiles: JAX decides at the first compilation
+      jax.config.update("jax_compilation_cache_dir", f["compilation_cache"].replace("<workdir>", str(workdir)))
     result = run_sweep(f["config"], workdir, parse_grid(f["grid"], f["config"]),
                        parse_seeds(f["seeds"], f["config"].seed), f["objective"])
     run = result["this_invocation"]

@@ -62,11 +62,24 @@ def test_a_sweep_runs_every_point_ranks_by_validation_and_resumes(tmp_path, monk
                 line]
   assert [row.split(" | ")[1] for row in point_rows] == [p["name"] for p in result["points"]]
 
+  real_run = pipeline_main.run
   monkeypatch.setattr(pipeline_main, "run", lambda *a, **k: pytest.fail("a finished point ran again"))
   started = time.time()
   again = sweep.run_sweep(config, tmp_path, grid, [0], show_progress=False)
   assert time.time() - started < 5
   assert again["this_invocation"]["skipped"] == 2 and again["points"] == result["points"]
+  assert (tmp_path / "sweep.md").read_text() == table
+
+  partial = tmp_path / names[1] / "report.json"  # as if killed during evaluation
+  report = json.loads(partial.read_text())
+  del report["stages"]["evaluate"]
+  partial.write_text(json.dumps(report))
+  calls = []
+  monkeypatch.setattr(pipeline_main, "run", lambda config, workdir, models=None: calls.append(workdir) or real_run(
+      config, workdir, models=models))
+  resumed = sweep.run_sweep(config, tmp_path, grid, [0], models=models, show_progress=False)
+  assert [str(c) for c in calls] == [str(tmp_path / names[1])] and resumed["this_invocation"]["ran"] == 1
+  assert "evaluate" in json.loads(partial.read_text())["stages"]
   assert (tmp_path / "sweep.md").read_text() == table
 
 
