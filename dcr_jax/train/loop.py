@@ -1,5 +1,6 @@
 """Training a stage: the typed `StageProgram` every stage builder returns, `train_stage` (state on the mesh, compile
-once, resume, loop, the trained model out), and the loop itself (progress bar, metrics, NaN guard, periodic saves)."""
+once, resume, loop, the trained model out), and the loop itself (progress bar, metrics, NaN guard, periodic saves,
+early stopping)."""
 
 from __future__ import annotations
 

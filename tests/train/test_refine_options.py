@@ -20,7 +20,7 @@ from dcr_jax.train.state import anchor, create_state, make_optimizer, trainable_
 from dcr_jax.train.steps import make_refine_step
 from dcr_jax.weights.tokenizer import tiny_tokenizer
 
-LAYER = 3
+LAYER = 1  # one block below ℓ: the smallest program to compile
 
 
 def test_the_rule_stops_after_patience_logged_steps_without_a_large_enough_improvement():
