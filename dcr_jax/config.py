@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.refine.clip = 1.0
   c.refine.lm_weight = 0.0  # λ of the optional LM-retention term on data.general
   c.refine.lm_batch_size = 4
+  c.refine.l2sp = 0.0  # λ of the L2-SP term λ·Σ‖θ−θ₀‖² pulling the trained params toward the stage's start
+  c.refine.patience = 0  # stop when the contrastive loss has not improved for this many logged steps; 0 = off
+  c.refine.min_delta = 0.0  # an improvement must lower the best logged contrastive loss by more than this
   c.refine.holdout = 0.2  # fraction held out for the linear probe
   c.refine.probe = True
   c.refine.log_every = 5

@@ -77,9 +77,9 @@ STAGES = {
 }
 
 
-def run(config, workdir: epath.Path) -> dict:
+def run(config, workdir: epath.Path, models: pipeline.ModelCache | None = None) -> dict:
   """Runs config.stages in order and returns the report. Everything that can fail on bad input is checked before
-  the workdir is touched."""
+  the workdir is touched. `models` (a sweep's) supplies the base model and tokenizer instead of a fresh build."""
   spec = spec_lib.resolve(config)
   baseline = baseline_config(config) if spec.baseline else None
   if baseline is not None:
@@ -87,7 +87,7 @@ def run(config, workdir: epath.Path) -> dict:
   parallel.initialize(spec.distributed)
   mesh = parallel.make_mesh(spec.mesh.data, spec.mesh.fsdp, spec.mesh.tensor)
   spec_lib.check_batches(spec, mesh)
-  model, tokenizer = pipeline.build_model(spec, mesh)
+  model, tokenizer = pipeline.build_model(spec, mesh) if models is None else models.get(spec, mesh)
   spec = spec.bind(model.config)
   prepared = {stage: STAGES[stage].prepare(spec, tokenizer) for stage in spec.stages}
   if "gguf" in spec.export.formats:

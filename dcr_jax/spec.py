@@ -112,6 +112,9 @@ class RefineSpec(OptimSpec):
   class_ratio: tuple[float, ...]  # toxic, seemingly_toxic[, benign]
   lm_weight: float
   lm_batch_size: int
+  l2sp: float  # λ of λ·Σ‖θ−θ₀‖² over the trained params, θ₀ = their values at the stage's start
+  patience: int  # logged steps without improvement of the contrastive loss before stopping; 0 = never stop early
+  min_delta: float
   holdout: float
   probe: bool
 
@@ -315,10 +318,14 @@ def _refine(c: ml_collections.ConfigDict, num_layers: int) -> RefineSpec:
   if len(ratio) != classes or any(r <= 0 for r in ratio):
     _fail("refine.class_ratio", rc.class_ratio, f"needs {classes} positive weights (toxic, seemingly_toxic"
           f"{', benign' if classes == 3 else ''})")
+  for name in ("l2sp", "patience", "min_delta"):
+    if rc[name] < 0:
+      _fail(f"refine.{name}", rc[name], "must be >= 0 (0 = off)")
   return RefineSpec(**_optim(rc, "refine"), layer=rc.layer, layers=_layers(rc.layer, num_layers),
                     pooling=_choice(Pooling, rc.pooling, "refine.pooling"), loss=loss,
                     loss_kwargs={k: rc[k] for k in LOSS_KWARGS[loss]}, class_ratio=ratio, lm_weight=rc.lm_weight,
-                    lm_batch_size=rc.lm_batch_size, holdout=rc.holdout, probe=rc.probe)
+                    lm_batch_size=rc.lm_batch_size, l2sp=rc.l2sp, patience=rc.patience, min_delta=rc.min_delta,
+                    holdout=rc.holdout, probe=rc.probe)
 
 
 def _align(c: ml_collections.ConfigDict) -> AlignSpec:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from dcr_jax.train.losses import class_similarity_stats, get_loss, masked_cross_entropy
-from dcr_jax.train.state import TrainState, keep_layers_from, merge
+from dcr_jax.train.state import TrainState, anchor, keep_layers_from, merge
 
 
 def pool(hidden: jax.Array, mask: jax.Array, how: str) -> jax.Array:
@@ -35,8 +35,10 @@ def _apply(optimizer, state: TrainState, grads, loss, metrics):
 
 
 def make_refine_step(graphdef, optimizer, *, layers: Sequence[int], pooling: str, loss: str,
-                     loss_kwargs: dict, lm_weight: float = 0.0) -> Callable:
-  """Stage 1. batch: tokens/mask [B T], labels [B]; with lm_weight > 0 also lm_tokens/lm_targets/lm_mask [B' T']."""
+                     loss_kwargs: dict, lm_weight: float = 0.0, l2sp: float = 0.0) -> Callable:
+  """Stage 1. batch: tokens/mask [B T], labels [B]; with lm_weight > 0 also lm_tokens/lm_targets/lm_mask [B' T'].
+  With l2sp > 0 the loss adds l2sp·Σ‖θ−θ₀‖² over the trained params, θ₀ from an optimizer built by `with_anchor`.
+  Metrics: `contrastive` (the contrastive term alone), `loss` (the total), and `l2sp`, `lm_loss` when on."""
   contrastive = get_loss(loss)
   depth = max(layers)
 
@@ -45,7 +47,12 @@ def make_refine_step(graphdef, optimizer, *, layers: Sequence[int], pooling: str
     hidden = model(batch["tokens"], mask=batch["mask"], stop_at_layer=depth, return_hidden=layers).hidden
     pooled = {l: pool(hidden[l], batch["mask"], pooling) for l in layers}
     total = sum(contrastive(pooled[l], batch["labels"], **loss_kwargs) for l in layers) / len(layers)
-    metrics = class_similarity_stats(pooled[layers[0]], batch["labels"])
+    metrics = {**class_similarity_stats(pooled[layers[0]], batch["labels"]), "contrastive": total}
+    if l2sp > 0:
+      theta0 = jax.lax.stop_gradient(anchor(state.opt_state))
+      drift = sum(jnp.sum(jnp.square(p.astype(jnp.float32) - p0.astype(jnp.float32)))
+                  for p, p0 in zip(jax.tree.leaves(params), jax.tree.leaves(theta0)))
+      total, metrics = total + l2sp * drift, {**metrics, "l2sp": l2sp * drift}
     if lm_weight > 0:
       logits = model(batch["lm_tokens"], batch["lm_positions"], batch["lm_segments"])
       lm_loss, _ = masked_cross_entropy(logits, batch["lm_targets"], batch["lm_mask"])
