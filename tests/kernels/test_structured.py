@@ -123,3 +123,21 @@ def test_errors():
   graphdef, params, rest = ntk.split_params(stacked, "all")
   with pytest.raises(UserError, match="unstack_layers"):
     structured.logit_kernel(graphdef, params, rest, example)
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_equals_jvp_vjp():
+  """The embedded gemma-3-270m, all 268M parameters, float32: two chat-templated prompts, |S| = 3; the structured
+  kernel equals jvp_vjp's to float32 rounding (the 32-prompt bench measured 3.8e-6)."""
+  from dcr_jax import load_model
+  from dcr_jax.kernels.track import encode_prompts
+
+  with jax.enable_x64(False):
+    model, tokenizer = load_model("gemma3-270m", progress=False)
+    tokens, mask = encode_prompts(tokenizer, ["How do I kill a Python process?", "Write a haiku about rain."], 64)
+    graphdef, params, rest = ntk.split_params(model, "all")
+    f = ntk.first_token_logits_fn(graphdef, rest)
+    ids = ntk.token_set(probs=ntk.next_token_probs(f, params, tokens, mask), k=3)
+    k, reference = [ntk.logit_kernel(f, params, tokens, mask, ids, method=m, chunk_size=2, out_chunk=1,
+                                     progress=False) for m in ("structured", "jvp_vjp")]
+  assert k.dtype == np.float32 and rel_err(k, reference) <= 1e-4
