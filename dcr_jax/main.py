@@ -84,6 +84,7 @@ def run(config, workdir: epath.Path, models: pipeline.ModelCache | None = None) 
   baseline = baseline_config(config) if spec.baseline else None
   if baseline is not None:
     spec_lib.resolve(baseline)  # its checks too, before anything is written
+    models = models or pipeline.ModelCache()  # the baseline starts from the same loaded weights
   parallel.initialize(spec.distributed)
   mesh = parallel.make_mesh(spec.mesh.data, spec.mesh.fsdp, spec.mesh.tensor)
   spec_lib.check_batches(spec, mesh)
@@ -119,7 +120,7 @@ def run(config, workdir: epath.Path, models: pipeline.ModelCache | None = None) 
       report = update_report(workdir, "export", fmt, str(out))
   if baseline is not None:
     base_dir = workdir / BASELINE_DIR
-    base = run(baseline, base_dir)
+    base = run(baseline, base_dir, models)
     report = update_report(workdir, "baseline", spec.baseline, {
         "workdir": str(base_dir), "eval": base.get("eval", {}), "eval_summary": base.get("eval_summary", {}),
         "capability": base.get("capability", {}), "align": base.get("stages", {}).get("align", {})})
