@@ -198,7 +198,8 @@ class TrainContext:
 
 def train_stage(program: StageProgram, model: Decoder, ctx: TrainContext) -> tuple[Decoder, dict]:
   """Trains `program.adapt(model)` from its latest checkpoint (if any) to `program.steps`; returns the trained model
-  (a new value; `model` is untouched) and the stage summary."""
+  (a new value) and the stage summary. The step donates its state, whose trained arrays may share buffers with
+  `model`'s: do not use `model` afterwards (`pipeline.ModelCache` hands each run its own copy)."""
   mesh = ctx.mesh
   graphdef, state = create_state(program.adapt(model), program.trainable, program.optimizer, ctx.seed)
   shardings = parallel.state_shardings(state, mesh)
