@@ -136,7 +136,7 @@ def main(argv=None) -> dict:
 
   hf_logging.set_verbosity_error()
   hf_logging.disable_progress_bar()
-  path = dcr_jax.weights.embedded_gguf_path()
+  path = dcr_jax.weights.embedded_gguf_path(args.model)
   t0 = time.perf_counter()
   hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
   load_torch_s = time.perf_counter() - t0
@@ -236,7 +236,7 @@ def main(argv=None) -> dict:
   load_end = load_average()
 
   print()
-  print(f"gemma-3-270m ({args.model}), float32, batch {b} x seq {t} random tokens, {args.repeats} interleaved rounds "
+  print(f"{args.model}, float32, batch {b} x seq {t} random tokens, {args.repeats} interleaved rounds "
         f"(+{args.warmup} warm-up); torch {args.threads} threads, attn={hf.config._attn_implementation}")
   print(f"fp32 matmul peak {peak_gflops:.1f} GFLOP/s = max(wall-clock {peak_wall:.1f}: best median of jax dot / "
         f"torch.mm {args.matmul_n}^2 over {len(peaks)} probes, others busy "

@@ -1,13 +1,19 @@
-"""Exact first-token eNTK (`dcr_jax.kernels.ntk.logit_kernel`) against a naive full-Jacobian baseline, CPU float32.
+"""Exact first-token eNTK (`dcr_jax.kernels.ntk.logit_kernel`) against a naive full-Jacobian baseline and a torch.func
+peer on the same model in transformers, CPU float32.
 
-For N prompts and a token set S, all three compute K[a, b, i, j] = <d z_S[i](a)/dθ, d z_S[j](b)/dθ> over every
+For N prompts and a token set S, all of them compute K[a, b, i, j] = <d z_S[i](a)/dθ, d z_S[j](b)/dθ> over every
 parameter of a random-init tiny Gemma 3 ([N N S S]):
   naive     one jitted function: jax.vmap(jax.jacrev(g)) over all N prompts for g(params, example) -> z_S [S]
             (the Jacobian pytree [N S ...param] is materialised whole), then a per-leaf einsum contraction;
   jacobian  logit_kernel(method="jacobian"): the same vjps chunk by chunk, tree dot products per block pair
             (blocks a <= b only, the rest by symmetry);
-  jvp_vjp   logit_kernel(method="jvp_vjp"): vjps of chunk b, then jvps at every a along each of them.
-Both exact methods must agree with the naive kernel (allclose rtol 1e-4, atol 1e-6·max|K|, float32).
+  jvp_vjp   logit_kernel(method="jvp_vjp"): vjps of chunk b, then jvps at every a along each of them;
+  structured logit_kernel(method="structured"): per-layer activations and backpropagated signals of each prompt,
+            contracted pairwise (dcr_jax.kernels.structured), no parameter-length row;
+  torch     the model exported to transformers (Gemma3ForCausalLM, eager attention): torch.func.vmap over prompts of
+            torch.func.jacrev of the restricted first-token logits (functional_call; the tied head shares the
+            embedding), then the same per-leaf contraction (--torch to include it).
+Every method must agree with the naive kernel (allclose rtol 1e-4, atol 1e-6·max|K|, float32).
 
 Scaling is reported in two sweeps per model size: N (--n, at |S| = --s-at) and |S| (--s, at N = --n-at).
 The three methods are timed interleaved (one call of each per round, order rotated every round; up to --repeats
@@ -17,7 +23,9 @@ number of cores other processes kept busy meanwhile (the machine may be shared).
 
 Peak memory is XLA's compiled memory_analysis (arguments + outputs + temporaries) of the jitted functions, not
 RSS: for naive its one function; for the chunked methods the largest of their per-call functions plus the buffers
-the driver keeps alive between calls (J of the current b chunk) and the [N N S S] result. It is deterministic and
+the driver keeps alive between calls (J of the current b chunk) and the [N N S S] result; for structured the params,
+the factors of all N prompts (kept), the larger step's temporaries (and a factor step's output) and the result.
+torch has no such figure (its column is empty). It is deterministic and
 per case although every case runs in one process. Naive is skipped ("does not fit") when its Jacobian alone,
 N·|S|·P·4 bytes, exceeds --naive-limit-gb (default 4), so the machine is never pushed into OOM.
 
@@ -29,6 +37,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,8 +51,9 @@ from flax import nnx  # noqa: E402
 from jax.tree_util import Partial  # noqa: E402
 
 from common import CpuMonitor, format_table, load_average, machine_info, peak_rss_mib, write_json  # noqa: E402
-from dcr_jax.kernels import ntk  # noqa: E402
-from dcr_jax.model import Decoder, tiny  # noqa: E402
+from dcr_jax.kernels import ntk, structured  # noqa: E402
+from dcr_jax.model import Decoder, default_positions, tiny  # noqa: E402
+from dcr_jax.weights import export_hf  # noqa: E402
 from dcr_jax.model.config import pattern_layer_types  # noqa: E402
 
 SIZES = {  # tiny("gemma3", ...) overrides; 4 heads x 16 dims (tiny's default) throughout
@@ -52,7 +62,8 @@ SIZES = {  # tiny("gemma3", ...) overrides; 4 heads x 16 dims (tiny's default) t
     "m": dict(vocab_size=4096, embed_dim=256, mlp_dim=512, num_layers=4),
     "l": dict(vocab_size=8192, embed_dim=512, mlp_dim=1024, num_layers=4),
 }
-METHODS = ("naive", "jacobian", "jvp_vjp")
+METHODS = ("naive", "jacobian", "jvp_vjp", "structured", "torch")
+OURS = ("jacobian", "jvp_vjp", "structured")
 MIB = 2 ** 20
 
 
@@ -73,6 +84,35 @@ def naive_kernel(f, params, tokens, mask, ids):
   return total
 
 
+def torch_kernel(directory):
+  """K [N N S S] (numpy) from the transformers model saved in `directory`: torch.func vmap(jacrev) over prompts of
+  the first-token logits at the token set, then a per-parameter einsum; callable(tokens, mask, ids)."""
+  import torch
+  import transformers
+  from torch.func import functional_call, jacrev, vmap
+
+  model = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager",
+                                                            dtype=torch.float32).eval()
+  params = {k: v.detach() for k, v in model.named_parameters()}
+
+  def g(p, tokens, mask, positions, ids):  # one left-padded prompt -> [S]
+    out = functional_call(model, p, (tokens[None],), {"attention_mask": mask[None], "position_ids": positions[None]})
+    return out.logits[0, -1, ids]
+
+  def kernel(tokens, mask, ids):
+    positions = np.asarray(default_positions(jnp.asarray(mask)))
+    t, m, pos = (torch.tensor(np.asarray(x), dtype=torch.long) for x in (tokens, mask, positions))
+    with torch.no_grad():
+      jac = vmap(jacrev(g), in_dims=(None, 0, 0, 0, None))(params, t, m, pos, torch.tensor(ids, dtype=torch.long))
+      total = 0
+      for leaf in jac.values():
+        j = leaf.reshape(leaf.shape[0], leaf.shape[1], -1)
+        total = total + torch.einsum("aip,bjp->abij", j, j)
+    return total.numpy()
+
+  return kernel
+
+
 # ------------------------------------------------------------------------------------------------------- helpers
 
 
@@ -82,7 +122,7 @@ def build(size: str, seed: int):
   model = Decoder(cfg, rngs=nnx.Rngs(seed))
   graphdef, params, rest = ntk.split_params(model, "all")
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  return cfg, ntk.first_token_logits_fn(graphdef, rest), params, n_params
+  return cfg, model, ntk.first_token_logits_fn(graphdef, rest), params, n_params
 
 
 def prompts(rng, n: int, seq: int, vocab: int):
@@ -127,10 +167,18 @@ def chunked_memory(size: str, f, params, chunk: int, seq: int, n: int, s: int) -
         # jvp_vjp: J_b, then jvps at a (J_b is an argument of the jvp block)
         "jvp_vjp": max(jac["total"], jvp["total"]),
     }
+    est = structured.memory_estimate(f.graphdef, params, f.rest, prompts=chunk, width=seq, outputs=s,
+                                     chunk_size=chunk)
+    _CHUNK_MEM[key]["structured"] = est
+    # params + the kept factors + the larger step's temporaries (a factor step also writes one chunk's factors)
+    _CHUNK_MEM[key]["structured_step"] = max(est["factors"]["temp"] + est["factors"]["outputs"],
+                                             est["contract"]["temp"] + est["contract"]["outputs"])
   m = _CHUNK_MEM[key]
   result = n * n * s * s * 4
   jac = m["jacobian_multi"] if n > chunk else m["jacobian_single"]
-  return {"jacobian": jac + result, "jvp_vjp": m["jvp_vjp"] + result, "detail": m}
+  kept = m["structured"]["factors"]["arguments"] + n * m["structured"]["factors_per_prompt"]
+  return {"jacobian": jac + result, "jvp_vjp": m["jvp_vjp"] + result,
+          "structured": kept + m["structured_step"] + result, "detail": m}
 
 
 def rel_err(a, b) -> float:
@@ -144,7 +192,7 @@ def agree(a, b) -> bool:
 # ------------------------------------------------------------------------------------------------------ one case
 
 
-def run_case(size, f, params, n_params, vocab, n, s, args, rng) -> dict:
+def run_case(size, f, params, n_params, vocab, n, s, args, rng, torch_fn=None) -> dict:
   tokens, mask = prompts(rng, n, args.seq, vocab)
   ids = rng.choice(vocab, s, replace=False).astype(np.int32)
   chunk = min(args.chunk, n)
@@ -158,9 +206,13 @@ def run_case(size, f, params, n_params, vocab, n, s, args, rng) -> dict:
                                            progress=False),
       "jvp_vjp": lambda: ntk.logit_kernel(f, params, tokens, mask, ids, method="jvp_vjp", chunk_size=chunk,
                                           progress=False),
+      "structured": lambda: ntk.logit_kernel(f, params, tokens, mask, ids, method="structured", chunk_size=chunk,
+                                             progress=False),
   }
+  if torch_fn is not None and fits:  # its Jacobian is naive's
+    calls["torch"] = lambda: torch_fn(tokens, mask, ids)
   mem = chunked_memory(size, f, params, chunk, args.seq, n, s)
-  case["mem_bytes"] = {"jacobian": mem["jacobian"], "jvp_vjp": mem["jvp_vjp"]}
+  case["mem_bytes"] = {k: mem[k] for k in OURS}
   case["mem_detail"] = {"chunked": mem["detail"]}
   if fits:
     t0 = time.perf_counter()
@@ -177,8 +229,8 @@ def run_case(size, f, params, n_params, vocab, n, s, args, rng) -> dict:
   # methods' functions depend on (chunk, T, S), not on N)
   case["warmup_s"] = {}
   for name in calls:
-    key = (size, chunk, args.seq, s, name) if name != "naive" else None
-    if key not in _WARM:  # naive: always (an AOT executable's first run carries a one-time cost)
+    key = (size, chunk, args.seq, s, name) if name not in ("naive", "torch") else None
+    if key not in _WARM:  # naive, torch: always (an AOT executable's first run carries a one-time cost)
       t0 = time.perf_counter()
       calls[name]()
       case["warmup_s"][name] = time.perf_counter() - t0
@@ -220,9 +272,12 @@ def run_case(size, f, params, n_params, vocab, n, s, args, rng) -> dict:
   case["cpu_s"] = {k: statistics.median(v) for k, v in cpu.items()}
   case["wall_times_s"] = {k: [round(x, 5) for x in v] for k, v in wall.items()}
   case["others_busy"] = statistics.median(others) if others else None
+  timed_ours = [k for k in OURS if k in wall]
   if fits:
-    case["speedup_wall"] = {k: case["wall_s"]["naive"] / case["wall_s"][k] for k in ("jacobian", "jvp_vjp")}
-    case["speedup_cpu"] = {k: case["cpu_s"]["naive"] / case["cpu_s"][k] for k in ("jacobian", "jvp_vjp")}
+    case["speedup_wall"] = {k: case["wall_s"]["naive"] / case["wall_s"][k] for k in timed_ours}
+    case["speedup_cpu"] = {k: case["cpu_s"]["naive"] / case["cpu_s"][k] for k in timed_ours}
+  if "torch" in wall:  # the peer's time over ours (> 1: we are faster)
+    case["torch_over"] = {k: case["wall_s"]["torch"] / case["wall_s"][k] for k in timed_ours}
   return case
 
 
@@ -230,25 +285,25 @@ def run_case(size, f, params, n_params, vocab, n, s, args, rng) -> dict:
 
 
 def table(cases: list[dict]) -> str:
-  headers = ["N", "|S|", "rounds", "naive s", "jacobian s", "jvp_vjp s", "x jac", "x jvp", "x jac cpu", "x jvp cpu",
-             "naive MiB", "jac MiB", "jvp MiB", "max rel err", "others busy"]
+  short = {"jacobian": "jac", "jvp_vjp": "jvp", "structured": "str"}
+  timed = [m for m in METHODS if any(m in c["wall_s"] for c in cases)]
+  peer = "torch" in timed
+  headers = (["N", "|S|", "rounds"] + [f"{m} s" for m in timed] + [f"x {short[m]}" for m in OURS]
+             + [f"x {short[m]} cpu" for m in OURS] + ([f"torch/{short[m]}" for m in OURS] if peer else [])
+             + ["naive MiB"] + [f"{short[m]} MiB" for m in OURS] + ["max rel err", "others busy"])
   rows = []
   for c in cases:
     fits = c["naive_fits"]
-    rows.append([
-        c["n"], c["s"], c["rounds"],
-        c["wall_s"]["naive"] if fits else "does not fit",
-        c["wall_s"]["jacobian"], c["wall_s"]["jvp_vjp"],
-        f"{c['speedup_wall']['jacobian']:.2f}" if fits else "-",
-        f"{c['speedup_wall']['jvp_vjp']:.2f}" if fits else "-",
-        f"{c['speedup_cpu']['jacobian']:.2f}" if fits else "-",
-        f"{c['speedup_cpu']['jvp_vjp']:.2f}" if fits else "-",
-        f"{c['mem_bytes']['naive'] / MIB:.1f}" if fits else f"(J: {c['naive_jacobian_bytes'] / MIB:.0f})",
-        f"{c['mem_bytes']['jacobian'] / MIB:.1f}", f"{c['mem_bytes']['jvp_vjp'] / MIB:.1f}",
-        ("" if all(c["allclose"].values()) else "FAIL ")
-        + "/".join(f"{v:.1e}" for v in c["max_rel_err"].values()),
-        "?" if c["others_busy"] is None else f"{c['others_busy']:.1f}",
-    ])
+    speed = lambda key, m: f"{c[key][m]:.2f}" if key in c and m in c[key] else "-"
+    rows.append(
+        [c["n"], c["s"], c["rounds"]]
+        + [c["wall_s"][m] if m in c["wall_s"] else "does not fit" if m == "naive" else "-" for m in timed]
+        + [speed("speedup_wall", m) for m in OURS] + [speed("speedup_cpu", m) for m in OURS]
+        + ([speed("torch_over", m) for m in OURS] if peer else [])
+        + [f"{c['mem_bytes']['naive'] / MIB:.1f}" if fits else f"(J: {c['naive_jacobian_bytes'] / MIB:.0f})"]
+        + [f"{c['mem_bytes'][m] / MIB:.1f}" for m in OURS]
+        + [("" if all(c["allclose"].values()) else "FAIL ") + "/".join(f"{v:.1e}" for v in c["max_rel_err"].values()),
+           "?" if c["others_busy"] is None else f"{c['others_busy']:.1f}"])
   return format_table(headers, rows)
 
 
@@ -271,6 +326,8 @@ def main(argv=None) -> dict:
   p.add_argument("--naive-limit-gb", type=float, default=4.0,
                  help="skip naive when its Jacobian N*S*P*4 bytes exceeds this many GB")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True,
+                 help="include the torch.func vmap(jacrev) peer (transformers, same weights)")
   p.add_argument("--out", default="bench/results/kernels.json")
   args = p.parse_args(argv)
 
@@ -287,7 +344,11 @@ def main(argv=None) -> dict:
          "(arguments + outputs + temp; chunked methods: largest per-call function + held J chunk + result)",
          "sizes": {}, "cases": []}
   for size in sizes:
-    cfg, f, params, n_params = build(size, args.seed)
+    cfg, model, f, params, n_params = build(size, args.seed)
+    torch_fn = None
+    if args.torch:
+      with tempfile.TemporaryDirectory() as tmp:
+        torch_fn = torch_kernel(export_hf(model, tmp))
     out["sizes"][size] = {"config": SIZES[size], "params": n_params, "num_heads": cfg.num_heads,
                           "head_dim": cfg.head_dim}
     n_sweep = [(n, args.s_at) for n in ints(args.n)]
@@ -296,7 +357,7 @@ def main(argv=None) -> dict:
     for n, s in n_sweep + s_sweep:
       if (n, s) in done:
         continue
-      case = run_case(size, f, params, n_params, cfg.vocab_size, n, s, args, rng)
+      case = run_case(size, f, params, n_params, cfg.vocab_size, n, s, args, rng, torch_fn)
       done[(n, s)] = case
       out["cases"].append(case)
       ok = "ok" if all(case["allclose"].values()) else "MISMATCH"
@@ -312,8 +373,9 @@ def main(argv=None) -> dict:
   out["total_s"] = time.perf_counter() - start
   out["load_average_at_end"] = load_average()
   out["peak_rss_mib"] = peak_rss_mib()
-  print(f"\nx = naive time / ours (wall medians; 'cpu' = process CPU seconds). max rel err = max|K - K_naive| / "
-        f"max|K_naive| for jacobian/jvp_vjp (vs jacobian for jvp_vjp where naive does not fit).\n"
+  print(f"\nx = naive time / ours (wall medians; 'cpu' = process CPU seconds); torch/ours = the torch.func peer's time "
+        f"/ ours. max rel err = max|K - K_naive| / max|K_naive| for each other method in column order (vs jacobian "
+        f"where naive does not fit).\n"
         f"memory = XLA compiled memory_analysis; naive skipped when N*S*P*4 > {args.naive_limit_gb} GB "
         f"(column shows that Jacobian's MiB).\n"
         f"total {out['total_s']:.0f}s, load average {out['load_average_at_end']}, "

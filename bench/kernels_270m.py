@@ -2,10 +2,15 @@
 
 The prompts are the built-in demo prompts, a third each seemingly toxic, toxic and general (seeded); S is the top-|S|
 of the base model's mean first-token distribution. One parameter-sized Jacobian row is 1.07 GB in float32, so the
-kernel holds --chunk prompts x --out-chunk tokens of S rows at a time (default 2 x 1: 2.1 GB). Reported: wall time, peak RSS, the symmetry and
-PSD checks of K, the group block means, and (--check) the two exact methods against each other on the first prompts.
+row methods (jvp_vjp, jacobian) hold --chunk prompts x --out-chunk tokens of S rows at a time (2 x 1: 2.1 GB); the
+structured method (the default) never forms a row: it keeps per-prompt activations and backpropagated signals and
+contracts them --chunk prompts against --chunk at a time (--chunk 8 unless given). Reported: wall time, peak RSS, how
+busy other processes kept the CPUs meanwhile (`others_busy` cores, `contended` when >= 0.25), the symmetry and PSD
+checks of K, the group block means, and (--check) the method against another exact one on the first prompts
+(structured against jvp_vjp).
 
-    .venv/bin/python bench/kernels_270m.py [--n 32] [--k 10] [--method jvp_vjp] [--out bench/results/kernels_270m.json]
+    .venv/bin/python bench/kernels_270m.py [--n 32] [--k 10] [--method structured] \
+        [--out bench/results/kernels_270m.json]
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from common import banner, machine_info, peak_rss_mib, write_json  # noqa: E402
+from common import CpuMonitor, banner, load_average, machine_info, peak_rss_mib, write_json  # noqa: E402
 
 
 def prompts(n: int, seed: int) -> tuple[list[str], list[str]]:
@@ -42,14 +47,16 @@ def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--n", type=int, default=32, help="prompts")
   p.add_argument("--k", type=int, default=10, help="|S|: top-k first tokens of the base model")
-  p.add_argument("--method", default="jvp_vjp", choices=["jvp_vjp", "jacobian"])
-  p.add_argument("--chunk", type=int, default=2, help="prompts per chunk")
+  p.add_argument("--method", default="structured", choices=["structured", "jvp_vjp", "jacobian"])
+  p.add_argument("--chunk", type=int, default=None, help="prompts per chunk (default 8 structured, 2 otherwise)")
   p.add_argument("--out-chunk", type=int, default=1, help="tokens of S per chunk")
   p.add_argument("--max-len", type=int, default=64, help="prompt tokens kept (the chat-templated tail)")
   p.add_argument("--check", type=int, default=2, help="prompts on which both exact methods are compared (0 = skip)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kernels_270m.json"))
   args = p.parse_args(argv)
+  if args.chunk is None:
+    args.chunk = 8 if args.method == "structured" else 2
 
   import jax
 
@@ -75,18 +82,20 @@ def main(argv=None) -> dict:
   if args.check:
     c = args.check
     started = time.perf_counter()
-    both = {m: ntk.logit_kernel(f, params, tokens[:c], mask[:c], ids, method=m, chunk_size=1, out_chunk=1,
-                                progress=False) for m in ("jvp_vjp", "jacobian")}
-    scale = float(np.abs(both["jacobian"]).max())
-    check = {"prompts": c, "max_abs_diff_over_max": float(np.abs(both["jvp_vjp"] - both["jacobian"]).max()) / scale,
-             "seconds": round(time.perf_counter() - started, 1)}
-    print(f"# methods agree on {c} prompts: max|jvp_vjp - jacobian| / max|K| = {check['max_abs_diff_over_max']:.2e}",
-          flush=True)
+    other = "jacobian" if args.method == "jvp_vjp" else "jvp_vjp"
+    both = {m: ntk.logit_kernel(f, params, tokens[:c], mask[:c], ids, method=m, chunk_size=c if m == "structured"
+                                else 1, out_chunk=1, progress=False) for m in (args.method, other)}
+    scale = float(np.abs(both[other]).max())
+    check = {"prompts": c, "against": other, "seconds": round(time.perf_counter() - started, 1),
+             "max_abs_diff_over_max": float(np.abs(both[args.method] - both[other]).max()) / scale}
+    print(f"# methods agree on {c} prompts: max|{args.method} - {other}| / max|K| = "
+          f"{check['max_abs_diff_over_max']:.2e}", flush=True)
 
-  started = time.perf_counter()
+  before, started, cpu = CpuMonitor.snapshot(), time.perf_counter(), time.process_time()
   kernel = ntk.logit_kernel(f, params, tokens, mask, ids, method=args.method, chunk_size=args.chunk,
                             out_chunk=args.out_chunk, progress=True)
-  seconds = time.perf_counter() - started
+  seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+  others_busy = CpuMonitor.other_cores(before, CpuMonitor.snapshot())
   n, s = kernel.shape[0], kernel.shape[2]
   flat = kernel.transpose(0, 2, 1, 3).reshape(n * s, n * s).astype(np.float64)
   scale = float(np.abs(flat).max())
@@ -98,13 +107,18 @@ def main(argv=None) -> dict:
       "config": {"n": n, "k": s, "method": args.method, "chunk_size": args.chunk, "out_chunk": args.out_chunk,
                  "max_len": args.max_len, "seed": args.seed,
                  "params": n_params, "token_set": [int(i) for i in ids]},
-      "seconds": round(seconds, 1), "peak_rss_mib": peak_rss_mib(),
+      "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "peak_rss_mib": peak_rss_mib(),
+      "others_busy": others_busy,
+      "contended": others_busy is None or others_busy >= 0.25, "load_average_at_end": load_average(),
       "symmetry_max_abs_diff_over_max": float(np.abs(flat - flat.T).max()) / scale,
       "min_eigenvalue_over_max": float(eigenvalues.min() / eigenvalues.max()),
       "groups": names, "ratio_block_means": ratio.tolist(), "cosine_block_means": cosine.tolist(),
       "counts": counts.tolist(), "method_check": check,
   }
-  print(f"# K [{n} {n} {s} {s}] in {seconds:.0f} s, peak RSS {result['peak_rss_mib']:.0f} MiB; "
+  busy = "?" if others_busy is None else f"{others_busy:.1f}"
+  print(f"# K [{n} {n} {s} {s}] in {seconds:.0f} s, {cpu:.0f} s process CPU ({busy} cores busy with other "
+        "processes), "
+        f"peak RSS {result['peak_rss_mib']:.0f} MiB; "
         f"asymmetry {result['symmetry_max_abs_diff_over_max']:.1e}, min/max eigenvalue "
         f"{result['min_eigenvalue_over_max']:.1e}")
   print("# cosine block means (" + ", ".join(names) + "):")

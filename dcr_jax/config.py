@@ -11,6 +11,10 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stages = "refine,align,evaluate"
   c.seed = 0
+  # "stl": after the stages, also train stage 2 from the base weights (the STL baseline, same stage-2 data and
+  # settings) and evaluate it, in DIR/baseline-stl, reported beside this run; only when stages has refine, align
+  # and evaluate.
+  c.baseline = ""
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "gemma3-270m"  # a variant name (see dcr_jax.model.VARIANTS) or "tiny-<family>"
@@ -64,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.refine.clip = 1.0
   c.refine.lm_weight = 0.0  # λ of the optional LM-retention term on data.general
   c.refine.lm_batch_size = 4
+  c.refine.l2sp = 0.0  # λ of the L2-SP term λ·Σ‖θ−θ₀‖² pulling the trained params toward the stage's start
+  c.refine.patience = 0  # stop when the contrastive loss has not improved for this many logged steps; 0 = off
+  c.refine.min_delta = 0.0  # an improvement must lower the best logged contrastive loss by more than this
   c.refine.holdout = 0.2  # fraction held out for the linear probe
   c.refine.probe = True
   c.refine.log_every = 5
@@ -99,6 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluate.bucket = 32  # prompt lengths are padded to a multiple of this (few compilations)
   c.evaluate.temperature = 0.0  # 0 = greedy, as in the paper
   c.evaluate.top_p = 1.0
+  c.evaluate.decode_weights = "float32"  # float32 | bfloat16: weight matrices as generation reads them
   c.evaluate.judge = "keyword"  # keyword | openai:<base_url>:<model>
   c.evaluate.refusal_prob = True
   # General capability (opt-in): mmlu,arc_easy,arc_challenge,openbookqa,piqa,truthfulqa_mc1, scored as
@@ -108,11 +116,31 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluate.capability_n = 100  # questions per task (seeded subsample); 0 = all
   c.evaluate.capability_root = ""
 
+  c.steer = ml_collections.ConfigDict()  # training-free baselines: --config.stages=steer,evaluate (README)
+  c.steer.method = "refusal_direction"  # refusal_direction | surgical | scans | self_cd
+  c.steer.n_train = 32  # prompts per class the directions are estimated from (0 = all left after validation)
+  c.steer.n_val = 16  # validation prompts per class, carved from the same training data first
+  c.steer.layers = ""  # candidate layers ℓ (after ℓ blocks), e.g. "3,6"; "" = every layer below the last 20%
+  c.steer.positions = 0  # post-instruction template positions searched; 0 = all of them
+  c.steer.max_kl = 0.0  # candidate filter on harmless KL; 0 = the method's (refusal_direction 0.1, surgical 0.2)
+  c.steer.coefs = ""  # coefficient grid (refusal_direction c, scans α, self_cd α); "" = the method's default
+  c.steer.keep_harmful = 0.9  # a coefficient must keep harmful validation p(refusal) >= this x its unsteered value
+  c.steer.strength = 1.0  # surgical: λ of the orthogonalisation against the refusal direction (1 = fully)
+  c.steer.add_coef = 0.0  # surgical: c of the refusal direction added at its layer (0 = none)
+  c.steer.affirmative = "Sure, here is"  # scans: the affirmative opening of the hidden-state transition
+  c.steer.system_prompt = ("You are a helpful, safe assistant. Refuse any request that could cause harm, and "
+                           "answer every harmless request.")  # self_cd: the safety system prompt (placed before
+  # the user's message in the same turn, as Gemma's template places a system message)
+  c.steer.batch_size = 16
+
   c.export = ml_collections.ConfigDict()  # the aligned model out at the end of a run: DIR/export/<format>/
   c.export.formats = ""  # comma list of hf, peft (LoRA runs), gguf; "" = none (python -m dcr_jax.export does it later)
   c.export.dtype = "float32"  # hf / peft: float32 | bfloat16 | float16
   c.export.quant = "f32"  # gguf: f32 | f16 | q8_0
   c.export.max_shard_size = "5GB"  # hf safetensors shards, as transformers splits them
+  # a .npy direction [D] the exported weights are orthogonalised against (embedding, o_proj, down_proj: the weight
+  # form of ablating it everywhere; a tied head changes too), e.g. DIR/steer/false_refusal.npy; "" = none
+  c.export.ablate_direction = ""
 
   c.kernels = ml_collections.ConfigDict()  # python -m dcr_jax.kernels
   c.kernels.n_per_group = 4  # prompts per group (seemingly toxic, toxic, general)
@@ -120,7 +148,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.kernels.params = "all"  # all | up_to_layer | lora | last_n | blocks (no embedding)
   c.kernels.layer = 9  # for up_to_layer
   c.kernels.last_n = 2  # for last_n
-  c.kernels.method = "jvp_vjp"  # jvp_vjp | jacobian
+  c.kernels.method = "jvp_vjp"  # jvp_vjp | jacobian | structured (per-layer factors, no parameter-length rows)
   c.kernels.chunk_size = 4
   c.kernels.out_chunk = 0  # tokens of S per chunk (0 = all); 1 holds one parameter-sized row per prompt at a time
   c.kernels.max_len = 64
@@ -136,6 +164,19 @@ def base_config() -> ml_collections.ConfigDict:
                     "Write a short poem about the sea.")
   c.demo.max_new_tokens = 32
   return c
+
+
+def cpu_defaults(config):
+  """`config` as the embedded models' default run: stage 1 and 2 train on half of each built-in set, a quarter
+  validates (each saved checkpoint's refusal probability), and the other quarter, never trained on, is what the run
+  evaluates, beside the STL baseline trained on the same stage-2 data."""
+  for key, name in (("toxic", "toxic"), ("seemingly_toxic", "seemingly_toxic"), ("harmful", "toxic"),
+                    ("helpful_seemingly", "seemingly_toxic")):
+    config.data[key] = f"builtin:{name}@0::2"
+  config.data.val_toxic, config.data.val_seemingly_toxic = "builtin:toxic@1::4", "builtin:seemingly_toxic@1::4"
+  config.evaluate.suites = "demo-over-refusal-heldout,demo-harmful-heldout"  # rows 3::4
+  config.baseline = "stl"
+  return config
 
 
 def tpu_defaults(config, refine_batch: int, align_batch: int, max_len: int, lora_rank: int):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 from absl import app, flags
 from etils import epath
 from flax import nnx
@@ -16,10 +18,12 @@ from ml_collections import config_flags
 from dcr_jax import spec as spec_lib
 from dcr_jax import checkpoints, export, parallel, pipeline
 from dcr_jax.spec import Spec, Stage
-from dcr_jax.errors import run_command
+from dcr_jax.errors import UserError, run_command
 from dcr_jax.evaluate import stage as evaluate
 from dcr_jax.model import Decoder
+from dcr_jax.model.interventions import orthogonalize
 from dcr_jax.report import write_report_md
+from dcr_jax.steer import stage as steer
 from dcr_jax.train import align, refine
 from dcr_jax.train.loop import MetricsWriter, TrainContext
 from dcr_jax.weights.gguf_writer import check_expressible
@@ -64,20 +68,27 @@ STAGES = {
         model, evaluate.run_demo(spec, model, session.tokenizer, session.workdir))),
     Stage.REFINE: _training(refine),
     Stage.ALIGN: _training(align),
+    Stage.STEER: StageEntry(steer.load_data, lambda spec, data, model, session: (
+        model, steer.run(spec, data, model, session.tokenizer, session.workdir))),
     Stage.EVALUATE: StageEntry(evaluate.load_data, lambda spec, data, model, session: (
         model, evaluate.run(spec, data, model, session.tokenizer, session.workdir,
-                            model_id=_checkpoint_label(session.workdir)))),
+                            model_id=_checkpoint_label(session.workdir),
+                            steering=steer.load_steering(session.workdir, model, session.tokenizer)))),
 }
 
 
-def run(config, workdir: epath.Path) -> dict:
+def run(config, workdir: epath.Path, models: pipeline.ModelCache | None = None) -> dict:
   """Runs config.stages in order and returns the report. Everything that can fail on bad input is checked before
-  the workdir is touched."""
+  the workdir is touched. `models` (a sweep's) supplies the base model and tokenizer instead of a fresh build."""
   spec = spec_lib.resolve(config)
+  baseline = baseline_config(config) if spec.baseline else None
+  if baseline is not None:
+    spec_lib.resolve(baseline)  # its checks too, before anything is written
+    models = models or pipeline.ModelCache()  # the baseline starts from the same loaded weights
   parallel.initialize(spec.distributed)
   mesh = parallel.make_mesh(spec.mesh.data, spec.mesh.fsdp, spec.mesh.tensor)
   spec_lib.check_batches(spec, mesh)
-  model, tokenizer = pipeline.build_model(spec, mesh)
+  model, tokenizer = pipeline.build_model(spec, mesh) if models is None else models.get(spec, mesh)
   spec = spec.bind(model.config)
   prepared = {stage: STAGES[stage].prepare(spec, tokenizer) for stage in spec.stages}
   if "gguf" in spec.export.formats:
@@ -101,14 +112,45 @@ def run(config, workdir: epath.Path) -> dict:
     report = update_report(workdir, "stages", stage, summary)
   if spec.export.formats:
     label = _checkpoint_label(workdir).replace("-", " step ")
+    exported = _with_ablation(model, spec.export.ablate_direction)
     for fmt in spec.export.formats:
-      out = export.export_model(spec, model, tokenizer, workdir / "export" / fmt, fmt, workdir=workdir,
+      out = export.export_model(spec, exported, tokenizer, workdir / "export" / fmt, fmt, workdir=workdir,
                                 checkpoint=label, dtype=spec.export.dtype, quant=spec.export.quant,
                                 max_shard_size=max_shard)
       report = update_report(workdir, "export", fmt, str(out))
+  if baseline is not None:
+    base_dir = workdir / BASELINE_DIR
+    base = run(baseline, base_dir, models)
+    report = update_report(workdir, "baseline", spec.baseline, {
+        "workdir": str(base_dir), "eval": base.get("eval", {}), "eval_summary": base.get("eval_summary", {}),
+        "capability": base.get("capability", {}), "align": base.get("stages", {}).get("align", {})})
   if is_main_process():
     write_report_md(workdir)
   return report
+
+
+BASELINE_DIR = "baseline-stl"
+
+
+def baseline_config(config):
+  """The STL baseline of a DCR config: the same stage-2 data, settings and evaluation, from the base weights (no
+  stage 1, no export, no baseline of its own)."""
+  base = copy.deepcopy(config)
+  base.stages = ",".join(s for s in (x.strip() for x in str(config.stages).split(",")) if s and s != "refine")
+  base.baseline = ""
+  base.export.formats = ""
+  return base
+
+
+def _with_ablation(model: Decoder, direction_file: str) -> Decoder:
+  """`model`, orthogonalised against the direction saved in `direction_file` when one is given (export)."""
+  if not direction_file:
+    return model
+  path = epath.Path(direction_file)
+  if not path.is_file():
+    raise UserError(f"config.export.ablate_direction={direction_file!r} was not written; give a .npy direction")
+  with path.open("rb") as f:
+    return orthogonalize(model, np.load(f))
 
 
 def _checkpoint_label(workdir: epath.Path) -> str:

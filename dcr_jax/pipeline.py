@@ -4,14 +4,17 @@ its program, workdir files, the report."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from etils import epath
 from flax import nnx
 
 from dcr_jax import checkpoints, parallel
+from dcr_jax.config import base_config
 from dcr_jax.spec import TRAINING_STAGES, Spec
 from dcr_jax.errors import UserError
 from dcr_jax.model import Decoder
@@ -55,6 +58,31 @@ def build_model(spec: Spec, mesh=None) -> tuple[Decoder, object]:
   return model, tokenizer
 
 
+class ModelCache:
+  """Models built once per (model spec, random-init seed, mesh), each caller getting its own copy of the weights
+  (training donates its state's buffers, so two runs never share arrays): a sweep loads the weights and tokenizer
+  once for all its points. `build_seconds` and `copy_seconds` list what each build and each copy took."""
+
+  def __init__(self):
+    self._built = {}
+    self.build_seconds: list[float] = []
+    self.copy_seconds: list[float] = []
+
+  def get(self, spec: Spec, mesh=None) -> tuple[Decoder, object]:
+    """(a copy of the model, the tokenizer) for `spec`, as `build_model(spec, mesh)` returns them."""
+    key = (spec.model, spec.seed if spec.model.random_init else None, spec.mesh, mesh)
+    if key not in self._built:
+      started = time.perf_counter()
+      self._built[key] = build_model(spec, mesh)
+      self.build_seconds.append(time.perf_counter() - started)
+    model, tokenizer = self._built[key]
+    started = time.perf_counter()
+    graphdef, state = nnx.split(model)
+    copy = nnx.merge(graphdef, jax.block_until_ready(jax.tree.map(jnp.copy, state)))
+    self.copy_seconds.append(time.perf_counter() - started)
+    return copy, tokenizer
+
+
 STAGE_PROGRAMS = {"refine": refine.program, "align": align.program}
 
 
@@ -85,7 +113,7 @@ def prepare_workdir(workdir: epath.PathLike, config: ml_collections.ConfigDict) 
   config_file = workdir / "config.json"
   resolved = json.loads(config.to_json_best_effort())
   if config_file.is_file():
-    previous = json.loads(config_file.read_text())
+    previous = _with_defaults(json.loads(config_file.read_text()), json.loads(base_config().to_json_best_effort()))
     changed = _first_difference({k: previous.get(k) for k in TRAINING_KEYS}, {k: resolved.get(k) for k in
                                                                               TRAINING_KEYS})
     new_training = _training_stages(config.stages)
@@ -98,6 +126,18 @@ def prepare_workdir(workdir: epath.PathLike, config: ml_collections.ConfigDict) 
       resolved["stages"] = previous.get("stages")
   ensure_dir(workdir)
   write_json(config_file, resolved)
+
+
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+  """A config.json written before keys were added to the schema, with those keys at their defaults (so a workdir
+  from an earlier version resumes unless a new key is set away from its default)."""
+  out = dict(saved)
+  for key, value in defaults.items():
+    if key not in out:
+      out[key] = value
+    elif isinstance(value, dict) and isinstance(out[key], dict):
+      out[key] = _with_defaults(out[key], value)
+  return out
 
 
 def _first_difference(a, b, prefix="config") -> str | None:

@@ -1,6 +1,9 @@
 """Memory and FLOP planning before paying for a pod: compile the stage steps on abstract shapes, no weights.
 
-python -m dcr_jax.plan --config=configs/gemma.py:VARIANT --devices=N [--out=plan.json] [--config.KEY=VALUE ...]
+python -m dcr_jax.plan --config=configs/gemma.py:VARIANT --devices=N [--kernels] [--out=plan.json] \
+    [--config.KEY=VALUE ...]
+
+--kernels adds the memory of a structured eNTK run (`kernels.*` of the config, one device) the same way.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from dcr_jax import spec as spec_lib  # noqa: E402
 from dcr_jax import parallel  # noqa: E402
 from dcr_jax.spec import TRAINING_STAGES, Spec  # noqa: E402
 from dcr_jax.errors import UserError, run_command  # noqa: E402
+from dcr_jax.kernels import ntk, structured  # noqa: E402
 from dcr_jax.model import Decoder  # noqa: E402
 from dcr_jax.pipeline import STAGE_PROGRAMS as PROGRAMS  # noqa: E402
 from dcr_jax.train.loop import StageProgram  # noqa: E402
@@ -47,7 +51,8 @@ def _define_flags() -> dict:
   return {"config": config_flags.DEFINE_config_file("config", None,
                                                     "Pipeline config (e.g. configs/gemma.py:gemma-7b)."),
           "devices": flags.DEFINE_integer("devices", 8, "Number of devices to plan for (simulated on CPU)."),
-          "out": flags.DEFINE_string("out", "", "Write the plan as JSON here too.")}
+          "out": flags.DEFINE_string("out", "", "Write the plan as JSON here too."),
+          "kernels": flags.DEFINE_bool("kernels", False, "Also plan a structured eNTK run (kernels.* config).")}
 
 
 def _per_device_bytes(tree, shardings) -> int:
@@ -120,8 +125,27 @@ def _scanned_flops(name: str, spec: Spec, mesh, depth: int) -> float:
   return counts[0] + (counts[1] - counts[0]) * (depth - 1)
 
 
-def plan(config, devices: int) -> dict:
-  """The plan for config.stages' training stages (both when it has none) on `devices` devices of this process."""
+def plan_kernels(spec: Spec) -> dict:
+  """Bytes of a `kernels.method=structured` run of the spec's kernel probe (3·n_per_group prompts of at most
+  max_len tokens, |S| = top_k, the kernels.params subset) on one device, compiled on abstract shapes: the params,
+  one chunk's factor step and one block's contraction (`structured.memory_estimate`), and the factors of every
+  prompt, which the run keeps on the host."""
+  kc = spec.kernels
+  architecture = spec.model.architecture.replace(scan_layers=False)  # the kernels run one Block per layer
+  model = nnx.eval_shape(lambda: Decoder(architecture, rngs=nnx.Rngs(0)))
+  kw = {"layer": kc.layer} if kc.params == "up_to_layer" else {"last_n": kc.last_n} if kc.params == "last_n" else {}
+  graphdef, params, rest = ntk.split_params(model, kc.params, **kw)
+  started = time.time()
+  est = structured.memory_estimate(graphdef, params, rest, prompts=3 * kc.n_per_group, width=kc.max_len,
+                                   outputs=kc.top_k, chunk_size=kc.chunk_size)
+  return {"prompts": 3 * kc.n_per_group, "width": kc.max_len, "outputs": kc.top_k, "params": kc.params,
+          "chunk_size": min(kc.chunk_size, 3 * kc.n_per_group), **est,
+          "compile_seconds": round(time.time() - started, 1)}
+
+
+def plan(config, devices: int, kernels: bool = False) -> dict:
+  """The plan for config.stages' training stages (both when it has none) on `devices` devices of this process, and
+  with `kernels` that of a structured eNTK run."""
   spec = spec_lib.resolve(config)
   if not spec.training_stages:
     spec = dataclasses.replace(spec, stages=TRAINING_STAGES)
@@ -135,11 +159,22 @@ def plan(config, devices: int) -> dict:
          "scan_layers": arch.scan_layers, "stages": {}}
   for name in spec.training_stages:
     out["stages"][name] = plan_stage(PROGRAMS[name](spec, arch), spec, mesh)
+  if kernels:
+    out["kernels"] = plan_kernels(spec)
   return out
 
 
 def _gib(n: int) -> str:
   return f"{n / 2**30:.2f} GiB"
+
+
+def _kernel_lines(k: dict | None) -> list[str]:
+  if k is None:
+    return []
+  return [f"structured eNTK ({k['prompts']} prompts x {k['width']} tokens, |S| = {k['outputs']}, params "
+          f"{k['params']}, chunks of {k['chunk_size']}), one device: device peak {_gib(k['device_peak'])} (factor "
+          f"step {_gib(k['factors']['total'])}, contraction {_gib(k['contract']['total'])}); factors "
+          f"{_gib(k['factors_per_prompt'])} per prompt, {_gib(k['host_factors'])} on the host"]
 
 
 def main(argv):
@@ -148,7 +183,7 @@ def main(argv):
     sys.exit(2)
 
   def body() -> str:
-    result = plan(_FLAGS["config"].value, _FLAGS["devices"].value)
+    result = plan(_FLAGS["config"].value, _FLAGS["devices"].value, _FLAGS["kernels"].value)
     if _FLAGS["out"].value:
       with open(_FLAGS["out"].value, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
@@ -160,7 +195,7 @@ def main(argv):
         *(f"| {stage} | {_gib(r['params_bytes'])} | {_gib(r['optimizer_bytes'])} | {_gib(r['temp_bytes'])} | "
           f"{_gib(r['peak_bytes_estimate'])} | {r['flops_per_step'] / 1e12:.2f} | {r['compile_seconds']} |"
           for stage, r in result["stages"].items()),
-        "(bytes are per device)"])
+        "(bytes are per device)", *_kernel_lines(result.get("kernels"))])
 
   run_command(body)
 

@@ -155,12 +155,31 @@ def report_markdown(workdir: str | os.PathLike, report: Mapping[str, Any]) -> st
                       [[s, c, str(m.get("n", DASH)), _fmt(m.get("refusal_rate")), _fmt(m.get("compliance_rate")),
                         _prob(m.get("mean_refusal_prob"))] for s, cats in categorised.items() for c, m in cats.items()])
     lines.append("")
+  for method, base in (report.get("baseline") or {}).items():
+    lines += [f"## Beside the {method.upper()} baseline", "",
+              "The same stage 2 (data, settings, steps) trained from the base weights, without stage 1, and evaluated "
+              f"on the same suites (`{base.get('workdir', DASH)}`).", ""]
+    lines += table1([(name, evals), (f"{method.upper()} baseline", base.get("eval") or {})], per_harmful=True,
+                    capability=[report.get("capability") or {}, base.get("capability") or {}])
+    lines.append("")
   capability = report.get("capability") or {}
   if capability:
     lines += ["## General capability", "", "lm-evaluation-harness conventions (log-likelihood of each choice; acc_norm "
               "divides by the choice's length in characters).", ""]
     lines += _table(["task", "n", "acc", "acc_norm"], [[t, str(m.get("n", DASH)), _fmt(m.get("acc"), 3),
                                                         _fmt(m.get("acc_norm"), 3)] for t, m in capability.items()])
+    lines.append("")
+  steer = report.get("steer")
+  if steer:
+    lines += [f"## Steering: {steer.get('method', DASH)}", "",
+              "Chosen on a validation split of the run's own training data (`steer/steer.json`).", ""]
+    lines += _table(["chosen", "value"], [[k, _fmt(v, 4) if isinstance(v, float) else _cell(json.dumps(v))]
+                                          for k, v in (steer.get("chosen") or {}).items()])
+    for name, rows in (steer.get("table") or {}).items():
+      if rows:
+        lines += ["", f"### Selection: {name}", ""]
+        lines += _table(list(rows[0]), [[_fmt(v, 4) if isinstance(v, float) else str(v) for v in row.values()]
+                                        for row in rows])
     lines.append("")
   kernels = report.get("kernels")
   if kernels:

@@ -13,11 +13,13 @@ import ml_collections
 from dcr_jax.data.batching import parse_selectors
 from dcr_jax.errors import UserError
 from dcr_jax.evaluate.capability import check_tasks
+from dcr_jax.evaluate.generate import DECODE_WEIGHTS
 from dcr_jax.evaluate.refusal import make_judge
 from dcr_jax.evaluate.suites import get_suite
 from dcr_jax.kernels.ntk import KINDS as KERNEL_PARAMS, METHODS as KERNEL_METHODS
 from dcr_jax.model import ModelConfig, get_variant, tiny
 from dcr_jax.model.lora import TARGETS as LORA_TARGETS
+from dcr_jax.steer.stage import METHODS as STEER_METHODS
 from dcr_jax.weights.gguf_writer import QUANTS as GGUF_QUANTS
 
 class Stage(enum.StrEnum):
@@ -25,6 +27,7 @@ class Stage(enum.StrEnum):
   REFINE = "refine"
   ALIGN = "align"
   EVALUATE = "evaluate"
+  STEER = "steer"
 
 
 TRAINING_STAGES = (Stage.REFINE, Stage.ALIGN)
@@ -109,6 +112,9 @@ class RefineSpec(OptimSpec):
   class_ratio: tuple[float, ...]  # toxic, seemingly_toxic[, benign]
   lm_weight: float
   lm_batch_size: int
+  l2sp: float  # λ of λ·Σ‖θ−θ₀‖² over the trained params, θ₀ = their values at the stage's start
+  patience: int  # logged steps without improvement of the contrastive loss before stopping; 0 = never stop early
+  min_delta: float
   holdout: float
   probe: bool
 
@@ -139,6 +145,7 @@ class EvaluateSpec:
   capability: tuple[str, ...]  # general-capability tasks (none = not evaluated)
   capability_n: int | None  # questions per task; None = all
   capability_root: str | None  # the tasks' data folder; None = dcr_jax.evaluate.capability's default
+  decode_weights: str = "float32"  # generation's weight matrices (bfloat16: half the bytes per decode step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +161,23 @@ class KernelsSpec:
   max_len: int
 
 
+@dataclasses.dataclass(frozen=True)
+class SteerSpec:
+  method: str
+  n_train: int | None  # None = all
+  n_val: int
+  layers: tuple[int, ...]  # () = every layer below the last 20%
+  positions: int  # 0 = all post-instruction positions
+  max_kl: float  # 0 = the method's default
+  coefs: tuple[float, ...]  # () = the method's default grid
+  keep_harmful: float
+  strength: float
+  add_coef: float
+  affirmative: str
+  system_prompt: str
+  batch_size: int
+
+
 EXPORT_FORMATS = ("hf", "peft", "gguf")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -164,6 +188,7 @@ class ExportSpec:
   dtype: str
   quant: str
   max_shard_size: str
+  ablate_direction: str  # a .npy direction the exported weights are orthogonalised against; "" = none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,11 +213,13 @@ class Spec:
   checkpoint_every: int
   checkpoint_keep: int
   evaluate: EvaluateSpec
+  steer: SteerSpec
   kernels: KernelsSpec
   export: ExportSpec
   distributed: DistributedSpec
   demo_prompts: tuple[str, ...]
   demo_max_new_tokens: int
+  baseline: str = ""  # "stl": stage 2 from the base weights, evaluated beside this run
 
   @property
   def training_stages(self) -> tuple[Stage, ...]:
@@ -291,10 +318,14 @@ def _refine(c: ml_collections.ConfigDict, num_layers: int) -> RefineSpec:
   if len(ratio) != classes or any(r <= 0 for r in ratio):
     _fail("refine.class_ratio", rc.class_ratio, f"needs {classes} positive weights (toxic, seemingly_toxic"
           f"{', benign' if classes == 3 else ''})")
+  for name in ("l2sp", "patience", "min_delta"):
+    if rc[name] < 0:
+      _fail(f"refine.{name}", rc[name], "must be >= 0 (0 = off)")
   return RefineSpec(**_optim(rc, "refine"), layer=rc.layer, layers=_layers(rc.layer, num_layers),
                     pooling=_choice(Pooling, rc.pooling, "refine.pooling"), loss=loss,
                     loss_kwargs={k: rc[k] for k in LOSS_KWARGS[loss]}, class_ratio=ratio, lm_weight=rc.lm_weight,
-                    lm_batch_size=rc.lm_batch_size, holdout=rc.holdout, probe=rc.probe)
+                    lm_batch_size=rc.lm_batch_size, l2sp=rc.l2sp, patience=rc.patience, min_delta=rc.min_delta,
+                    holdout=rc.holdout, probe=rc.probe)
 
 
 def _align(c: ml_collections.ConfigDict) -> AlignSpec:
@@ -337,11 +368,40 @@ def _evaluate(c: ml_collections.ConfigDict) -> EvaluateSpec:
       raise UserError(f"config.evaluate.capability: {e}") from None
   if ec.capability_n < 0:
     _fail("evaluate.capability_n", ec.capability_n, "must be >= 0 (0 = every question)")
+  if ec.decode_weights not in DECODE_WEIGHTS:
+    _fail("evaluate.decode_weights", ec.decode_weights, f"is unknown; choose {' or '.join(DECODE_WEIGHTS)}")
   return EvaluateSpec(capability=tasks, capability_n=_count(ec.capability_n), capability_root=root,
                       suites=_suites(ec.suites, ec.n, required),
                       data_root=ec.data_root or None, max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size,
                       bucket=ec.bucket, temperature=ec.temperature, top_p=ec.top_p, judge=ec.judge,
-                      refusal_prob=ec.refusal_prob)
+                      refusal_prob=ec.refusal_prob, decode_weights=ec.decode_weights)
+
+
+def _steer(c: ml_collections.ConfigDict, stages: tuple[Stage, ...], num_layers: int) -> SteerSpec:
+  sc = c.steer
+  if sc.method not in STEER_METHODS:
+    _fail("steer.method", sc.method, f"is unknown; choose from {', '.join(STEER_METHODS)}")
+  layers = _numbers(sc.layers, "steer.layers", int)
+  if any(not 1 <= l <= num_layers for l in layers):
+    _fail("steer.layers", sc.layers, f"is out of range; use layers 1..{num_layers} (after ℓ blocks) or ''")
+  for key in ("n_train", "positions"):
+    if sc[key] < 0:
+      _fail(f"steer.{key}", sc[key], "must be >= 0 (0 = all)")
+  for key in ("n_val", "batch_size"):
+    if sc[key] < 1:
+      _fail(f"steer.{key}", sc[key], "must be positive")
+  if Stage.STEER in stages:
+    training = [s.value for s in stages if s in TRAINING_STAGES]
+    if training:
+      _fail("stages", c.stages, f"mixes steer with training ({', '.join(training)}); steering baselines run on "
+            "the base model: use a workdir of their own")
+    if _items(c.evaluate.capability, "evaluate.capability"):
+      _fail("evaluate.capability", c.evaluate.capability, "is not scored under steering; evaluate capability in "
+            "a run without the steer stage")
+  return SteerSpec(method=sc.method, n_train=_count(sc.n_train), n_val=sc.n_val, layers=tuple(sorted(set(layers))),
+                   positions=sc.positions, max_kl=sc.max_kl, coefs=_numbers(sc.coefs, "steer.coefs"),
+                   keep_harmful=sc.keep_harmful, strength=sc.strength, add_coef=sc.add_coef,
+                   affirmative=sc.affirmative, system_prompt=sc.system_prompt, batch_size=sc.batch_size)
 
 
 def _kernels(c: ml_collections.ConfigDict) -> KernelsSpec:
@@ -367,7 +427,12 @@ def _export(c: ml_collections.ConfigDict) -> ExportSpec:
     _fail("export.quant", xc.quant, f"is a type the GGUF writer cannot produce; choose {', '.join(GGUF_QUANTS)}")
   if "peft" in formats and c.align.lora_rank == 0:
     _fail("export.formats", xc.formats, "asks peft of a full fine-tune (align.lora_rank=0); use hf")
-  return ExportSpec(formats=formats, dtype=xc.dtype, quant=xc.quant, max_shard_size=xc.max_shard_size)
+  ablate = xc.ablate_direction
+  if ablate and not Path(ablate).is_file() and Stage.STEER not in _items(c.stages, "stages"):
+    _fail("export.ablate_direction", ablate, "is not a file; give a .npy direction (e.g. DIR/steer/false_refusal.npy "
+          "of a surgical steer run) or ''")
+  return ExportSpec(formats=formats, dtype=xc.dtype, quant=xc.quant, max_shard_size=xc.max_shard_size,
+                    ablate_direction=ablate)
 
 
 def _data(c: ml_collections.ConfigDict) -> DataSpec:
@@ -399,8 +464,20 @@ def resolve(config: ml_collections.ConfigDict) -> Spec:
       mesh=MeshSpec(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, config.mesh.constrain_activations),
       data=_data(config), refine=_refine(config, arch.num_layers), align=_align(config),
       checkpoint_every=config.checkpoint.every, checkpoint_keep=config.checkpoint.keep, evaluate=_evaluate(config),
+      steer=_steer(config, stages, arch.num_layers),
       kernels=_kernels(config), export=_export(config), distributed=DistributedSpec(**config.distributed.to_dict()), demo_prompts=tuple(config.demo.prompts),
-      demo_max_new_tokens=config.demo.max_new_tokens)
+      demo_max_new_tokens=config.demo.max_new_tokens, baseline=_baseline(config.get("baseline", ""), stages))
+
+
+BASELINE_STAGES = (Stage.REFINE, Stage.ALIGN, Stage.EVALUATE)
+
+
+def _baseline(value: str, stages: tuple[Stage, ...]) -> str:
+  """The baseline to run beside this one: "stl", or "" (none, also when the stages lack refine, align or evaluate:
+  without them there is nothing to compare, e.g. `--config.stages=refine,align` on a config that sets one)."""
+  if value not in ("", "stl"):
+    _fail("baseline", value, "is unknown; use 'stl' (stage 2 from the base weights beside this run) or ''")
+  return value if all(s in stages for s in BASELINE_STAGES) else ""
 
 
 def check_batches(spec: Spec, mesh) -> None:

@@ -55,10 +55,17 @@ def test_tiny_demo_writes_report_and_rerun_rejects_changed_config(tmp_path):
 
 def test_tiny_pipeline_trains_evaluates_and_reevaluates(tmp_path):
   workdir = tmp_path / "dcr"
-  result = run_main("--config=configs/tiny.py", "--config.export.formats=hf", f"--workdir={workdir}")
+  result = run_main("--config=configs/tiny.py", "--config.export.formats=hf", "--config.baseline=stl",
+                    f"--workdir={workdir}")
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((workdir / "report.json").read_text())
   assert set(report["stages"]) == {"refine", "align", "evaluate"}
+  stl = report["baseline"]["stl"]  # stage 2 from the base weights, evaluated on the same suites
+  base_report = json.loads((workdir / "baseline-stl" / "report.json").read_text())
+  assert set(base_report["stages"]) == {"align", "evaluate"} and stl["eval"] == base_report["eval"]
+  assert stl["eval"]["demo-harmful"]["n"] == 16 and stl["align"]["steps"] == report["stages"]["align"]["steps"]
+  assert not (workdir / "baseline-stl" / "export").exists()
+  assert "Beside the STL baseline" in (workdir / "report.md").read_text()
   for stage in ("refine", "align"):
     assert report["stages"][stage]["steps"] > 0 and report["stages"][stage]["seconds"] > 0
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

@@ -117,3 +117,32 @@ def test_plan_counts_every_microbatch():
     return plan(config, devices=1)["stages"]["align"]["flops_per_step"]
 
   assert flops(4) == pytest.approx(flops(1), rel=0.05)
+
+
+def test_plan_kernels_structured_memory():
+  """The structured eNTK's plan on a 2-layer tiny Gemma 3 (12 prompts x 64 tokens, |S| = 10): the factor step's arguments are
+  the params, the host keeps every prompt's factors, and the per-prompt factors are the run's own."""
+  import dataclasses
+  import importlib.util
+
+  from dcr_jax import spec as spec_lib
+  from dcr_jax.kernels import ntk, structured
+  from dcr_jax.plan import plan_kernels
+
+  loader = importlib.util.spec_from_file_location("tiny_config", ROOT / "configs" / "tiny.py")
+  module = importlib.util.module_from_spec(loader)
+  loader.loader.exec_module(module)
+  spec = spec_lib.resolve(module.get_config())
+  arch = spec.model.architecture.replace(num_layers=2, layer_types=spec.model.architecture.layer_types[:2])
+  spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, architecture=arch))
+  k = plan_kernels(spec)
+  model = nnx.eval_shape(lambda: Decoder(spec.model.architecture, rngs=nnx.Rngs(0)))
+  graphdef, params, rest = ntk.split_params(model, "all")
+  assert k["factors"]["arguments"] >= sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))
+  assert k["host_factors"] == k["prompts"] * k["factors_per_prompt"] and k["prompts"] == 12
+  tokens = np.ones((k["chunk_size"], k["width"]), np.int32)
+  ids = np.zeros((k["chunk_size"], k["outputs"]), np.int32)
+  plan, graphdef, direct, frozen = structured._prepare(graphdef, params, rest, k["width"], k["outputs"], "auto")
+  real = jax.eval_shape(lambda: structured._factors(graphdef, plan, direct, frozen, tokens, tokens, ids))
+  assert k["factors_per_prompt"] * k["chunk_size"] == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(real))
+  assert k["device_peak"] == max(k["factors"]["total"], k["contract"]["total"])

@@ -69,6 +69,7 @@ def test_peft_export_of_a_full_fine_tune_is_refused():
     ("stages", " , ", "config.stages=' , ' is empty"),
     ("evaluate__suites", "demo-harmful:ten", "config.evaluate.suites='demo-harmful:ten' is not NAME or NAME:N"),
     ("kernels__method", "fd", "config.kernels.method='fd' is unknown"),
+    ("evaluate__decode_weights", "int4", "config.evaluate.decode_weights='int4' is unknown; choose float32 or"),
     ("data__toxic", "builtin:toxic@5:2", "empty row selection"),
     ("model__dtype", "float16", "config.model.dtype='float16'"),
     ("export__formats", "hf, onnx", "config.export.formats='hf, onnx' names unknown ['onnx']"),
@@ -78,3 +79,26 @@ def test_bad_values_are_one_line_errors(key, value, needle):
   with pytest.raises(UserError) as e:
     resolve(tiny_config(**{key: value}))
   assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("config_file", ["configs/gemma.py", "configs/llama.py"])
+def test_the_embedded_default_runs_evaluate_on_prompts_they_never_train_or_validate_on(config_file):
+  """cpu_defaults: training (stage 1 and 2), validation and the evaluated suites use disjoint built-in rows."""
+  import importlib.util
+  from pathlib import Path
+
+  from dcr_jax.data.batching import load_spec_list
+  from dcr_jax.evaluate.suites import load_suite
+
+  path = Path(__file__).resolve().parents[1] / config_file
+  module_spec = importlib.util.spec_from_file_location("config_under_test", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  spec = resolve(module.get_config())
+  prompts = lambda specs, key: {r["prompt"] for r in load_spec_list(specs, key=key)}
+  trained = set().union(*(prompts(getattr(spec.data, k), k) for k in ("toxic", "seemingly_toxic", "harmful",
+                                                                         "helpful_seemingly")))
+  validated = prompts(spec.data.val_toxic, "val_toxic") | prompts(spec.data.val_seemingly_toxic, "val_seemingly")
+  evaluated = {r["prompt"] for name, _ in spec.evaluate.suites for r in load_suite(name)}
+  assert trained and validated and len(evaluated) >= 50 and spec.baseline == "stl"
+  assert not trained & validated and not trained & evaluated and not validated & evaluated

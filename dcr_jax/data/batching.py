@@ -204,32 +204,41 @@ class SFTMixture:
     self.probs = np.array([weights[n] / total for n in self.names])
     self.sources, self.batch_size, self.max_len, self.seed, self.pack = sources, batch_size, max_len, seed, pack
 
+  def _segments(self, step: int, global_row: int):
+    """Row `global_row` of batch `step` as (source, example, start, length) segments, drawn from the row's own
+    stream (seed, step, row)."""
+    t, used, segment = self.max_len, 0, 0
+    rng = rng_for(self.seed, step, stream=1 + global_row)
+    while used < t - 1:
+      src = self.sources[self.names[rng.choice(len(self.names), p=self.probs)]]
+      k = int(rng.integers(len(src)))
+      n = len(src.ids[k]) - 1  # inputs ids[:-1], targets ids[1:]
+      if segment and (not self.pack or used + n > t):
+        break
+      n = min(n, t - used)
+      segment += 1
+      yield src, k, used, n
+      used += n
+      if not self.pack:
+        break
+
   def batch(self, step: int, rows: slice = slice(None)) -> dict:
     """Rows `rows` of batch `step`: tokens/targets/loss_mask/segments/positions [B T]. Each row draws from its own
     stream (seed, step, row), so a process builds only the rows it feeds and they equal the global batch's."""
-    t = self.max_len
     chosen = range(self.batch_size)[rows]
-    out = {k: np.zeros((len(chosen), t), np.int32) for k in ("tokens", "targets", "segments", "positions")}
-    out["loss_mask"] = np.zeros((len(chosen), t), np.float32)
+    out = {k: np.zeros((len(chosen), self.max_len), np.int32) for k in ("tokens", "targets", "segments", "positions")}
+    out["loss_mask"] = np.zeros((len(chosen), self.max_len), np.float32)
     for row, global_row in enumerate(chosen):
-      rng = rng_for(self.seed, step, stream=1 + global_row)
-      used, segment = 0, 0
-      while used < t - 1:
-        src = self.sources[self.names[rng.choice(len(self.names), p=self.probs)]]
-        k = int(rng.integers(len(src)))
-        ids, mask = src.ids[k], src.response_mask[k]
-        n = len(ids) - 1  # inputs ids[:-1], targets ids[1:]
-        if segment and (not self.pack or used + n > t):
-          break
-        n = min(n, t - used)
-        segment += 1
-        sl = slice(used, used + n)
+      for segment, (src, k, start, n) in enumerate(self._segments(step, global_row), start=1):
+        ids, mask, sl = src.ids[k], src.response_mask[k], slice(start, start + n)
         out["tokens"][row, sl] = ids[:n]
         out["targets"][row, sl] = ids[1:n + 1]
         out["loss_mask"][row, sl] = mask[1:n + 1]
         out["segments"][row, sl] = segment
         out["positions"][row, sl] = np.arange(n)
-        used += n
-        if not self.pack:
-          break
     return out
+
+  def loss_counts(self, step: int) -> np.ndarray:
+    """Loss tokens in each row of batch `step` [B], every row's, without building the tokens (cheap)."""
+    return np.array([sum(int(np.count_nonzero(src.response_mask[k][1:n + 1]))
+                         for src, k, _, n in self._segments(step, row)) for row in range(self.batch_size)])

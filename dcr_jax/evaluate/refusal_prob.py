@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from dcr_jax.errors import UserError
-from dcr_jax.evaluate.generate import bucket_length, left_pad
+from dcr_jax.evaluate.generate import Steering, bucket_length, contrast_logits, left_pad
 from dcr_jax.weights.tokenizer import encode_chat, response_ids
 
 # Short, word-boundary openings that current chat models (and the project's built-in refusals) start refusals with.
@@ -159,76 +159,85 @@ def _plan_prefixes(continuations: Sequence[Sequence[int]]) -> _PrefixPlan:
   return _PrefixPlan(tuple(run_arrays), source, targets, pick, pick_mask)
 
 
-def prefill(model, tokens, mask, extra: int):
+def prefill(model, tokens, mask, extra: int, edits: tuple = ()):
   """Runs left-padded contexts tokens/mask [B T] once into a KV cache with room for `extra` more slots.
 
   Returns (last [B 1 D], cache): the last block's output at the final position (it predicts the first token of any
-  continuation) and the filled cache. No logits are computed.
+  continuation) and the filled cache. No logits are computed. `edits`: interventions of the forward.
   """
   depth = model.config.num_layers
   out = model(tokens, mask=mask, cache=model.init_cache(tokens.shape[0], tokens.shape[1] + extra),
-              stop_at_layer=depth)
+              stop_at_layer=depth, interventions=edits)
   return out.hidden[depth][:, -1:], out.cache
 
 
-def continue_from(model, tokens, mask, cache):
+def continue_from(model, tokens, mask, cache, edits: tuple = ()):
   """The last block's output [B K D] for continuation rows tokens/mask [B K] (right-padded) after `cache`."""
   depth = model.config.num_layers
-  return model(tokens, mask=mask, cache=cache, stop_at_layer=depth).hidden[depth]
+  return model(tokens, mask=mask, cache=cache, stop_at_layer=depth, interventions=edits).hidden[depth]
 
 
-def head_log_probs(model, states, targets):
+def head_log_probs(model, states, targets, alpha=None):
   """states [B U D] (last block's output), targets [B U C] ids -> [B U C] float32 log p(target | state).
 
   The vocabulary head runs `_HEAD_CHUNK` states at a time ([B 8 V] logits, never [B U V]); U must be a multiple of
-  `_HEAD_CHUNK`.
+  `_HEAD_CHUNK`. With `alpha`, states hold [plain; contrasting] rows [2B U D] whose logits are combined
+  (`contrast_logits`) before the softmax; targets stay [B U C].
   """
   b, u, _ = states.shape
 
   def score(chunk):
     hidden, ids = chunk  # [B 8 D], [B 8 C]
     logits = model.logits(model.final_norm(hidden))  # [B 8 V] float32
+    if alpha is not None:
+      logits = contrast_logits(logits, alpha)
     picked = jnp.take_along_axis(logits, ids, axis=-1)
     return picked - jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # [B 8 C]
 
+  rows = targets.shape[0]
   chunks = (states.reshape(b, u // _HEAD_CHUNK, _HEAD_CHUNK, -1).transpose(1, 0, 2, 3),
-            targets.reshape(b, u // _HEAD_CHUNK, _HEAD_CHUNK, -1).transpose(1, 0, 2, 3))
-  return jax.lax.map(score, chunks).transpose(1, 0, 2, 3).reshape(b, u, -1)  # [B U C]
+            targets.reshape(rows, u // _HEAD_CHUNK, _HEAD_CHUNK, -1).transpose(1, 0, 2, 3))
+  return jax.lax.map(score, chunks).transpose(1, 0, 2, 3).reshape(rows, u, -1)  # [B U C]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _shared_prefix_log_probs(graphdef, state, tokens, mask, plan: _PrefixPlan):
+@functools.partial(jax.jit, static_argnames=("graphdef", "contrast"))
+def _shared_prefix_log_probs(graphdef, state, tokens, mask, plan: _PrefixPlan, edits=(), alpha=0.0,
+                             contrast: bool = False):
   """tokens/mask [B T] left-padded contexts -> [B M] summed log p of the M continuations planned in `plan`.
 
   Each context runs once and fills a KV cache; each run then continues it ([B K] rows, one `lax.map` step per run),
-  and the head scores each distinct prefix once, `_HEAD_CHUNK` prefixes at a time ([B 8 V] logits)."""
+  and the head scores each distinct prefix once, `_HEAD_CHUNK` prefixes at a time ([B 8 V] logits). `edits` steer
+  every forward; with `contrast`, the rows are [plain; contrasting] contexts [2B T] scored contrastively."""
   model = nnx.merge(graphdef, state)
   b = tokens.shape[0]
   longest_run = max([ids.shape[1] for ids, _ in plan.runs], default=0)
-  last, cache = prefill(model, tokens, mask, longest_run)
+  last, cache = prefill(model, tokens, mask, longest_run, edits)
   table = [last]  # [B 1 D]: predicts every continuation's first token
 
   def run_from_context(run):
     ids, valid = run  # [K]
     rows, rows_mask = jnp.broadcast_to(ids, (b, ids.shape[0])), jnp.broadcast_to(valid, (b, ids.shape[0]))
-    return continue_from(model, rows, rows_mask, cache)  # [B K D]
+    return continue_from(model, rows, rows_mask, cache, edits)  # [B K D]
 
   for ids, valid in plan.runs:
     hidden = jax.lax.map(run_from_context, (ids, valid))  # [R B K D]
     table.append(hidden.transpose(1, 0, 2, 3).reshape(b, -1, hidden.shape[-1]))
   states = jnp.take(jnp.concatenate(table, axis=1), plan.source, axis=1)  # [B U D]
   u, width = plan.targets.shape
-  log_probs = head_log_probs(model, states, jnp.broadcast_to(plan.targets, (b, u, width))).reshape(b, u * width)
+  b = b // 2 if contrast else b
+  log_probs = head_log_probs(model, states, jnp.broadcast_to(plan.targets, (b, u, width)),
+                             alpha if contrast else None).reshape(b, u * width)
   return jnp.sum(jnp.where(plan.pick_mask, jnp.take(log_probs, plan.pick, axis=1), 0.0), axis=-1)  # [B M]
 
 
 def continuation_log_probs(model, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], *,
-                           batch_size: int = 8, pad_id: int = 0, bucket: int = 32) -> np.ndarray:
+                           batch_size: int = 8, pad_id: int = 0, bucket: int = 32, prompts: Sequence[str] = (),
+                           steering: Steering | None = None) -> np.ndarray:
   """[N M] float32 log p(continuation m | context n), teacher-forced, `batch_size` contexts at a time.
 
   Contexts are left-padded to a multiple of `bucket` and run once each (KV cache); continuations sharing a prefix
   share its forward and its vocabulary head row (`_PrefixPlan`). Results do not depend on `batch_size`, `bucket` or
-  padding.
+  padding. `steering` (with the contexts' `prompts` texts) steers every forward as generation does.
   """
   if batch_size < 1:
     raise UserError(f"batch_size={batch_size}; use a positive batch size")
@@ -240,23 +249,31 @@ def continuation_log_probs(model, contexts: Sequence[Sequence[int]], continuatio
   plan = _plan_prefixes([list(c) for c in continuations])
   graphdef, state = nnx.split(model)
   out = np.zeros((n, m), np.float32)
+  texts = list(prompts) or [""] * n
   for start in range(0, n, batch_size):
     chunk = list(contexts[start:start + batch_size])
     count = len(chunk)
     chunk += [chunk[-1]] * (batch_size - count)  # one compiled batch shape per length bucket
-    tokens, mask = left_pad(chunk, bucket_length(max(len(c) for c in chunk), bucket), pad_id)
-    result = _shared_prefix_log_probs(graphdef, state, tokens, mask, plan)
+    chunk_texts = texts[start:start + count] + [texts[start + count - 1]] * (batch_size - count)
+    edits, alpha, rows = (), 0.0, chunk
+    if steering is not None:
+      edits = steering.edits(chunk_texts, chunk) if steering.edits else ()
+      rows = chunk + steering.contrast(chunk_texts) if steering.contrast else chunk
+      alpha = steering.alpha
+    tokens, mask = left_pad(rows, bucket_length(max(len(c) for c in rows), bucket), pad_id)
+    result = _shared_prefix_log_probs(graphdef, state, tokens, mask, plan, tuple(edits), jnp.float32(alpha),
+                                      contrast=len(rows) > len(chunk))
     out[start:start + count] = np.asarray(result)[:count]
   return out
 
 
 def refusal_probability(model, tokenizer, prompts: Sequence[str], *, openings: Sequence[str] = REFUSAL_OPENINGS,
-                        batch_size: int = 8, bucket: int = 32) -> np.ndarray:
+                        batch_size: int = 8, bucket: int = 32, steering: Steering | None = None) -> np.ndarray:
   """[N] probability that the answer to each chat-templated prompt opens with one of `openings` (in [0, 1]).
 
   The sum over the prefix-free subset of the openings (``opening_token_ids``) of the product of their token
   probabilities; `batch_size` prompts per forward, each run once (KV cache) and continued by every opening; no
-  generation.
+  generation. `steering` steers the model as in generation.
   """
   prompts = list(prompts)
   if isinstance(openings, str):
@@ -265,5 +282,5 @@ def refusal_probability(model, tokenizer, prompts: Sequence[str], *, openings: S
   contexts = [encode_chat(tokenizer, p)[0] for p in prompts]
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   log_probs = continuation_log_probs(model, contexts, continuations, batch_size=batch_size, pad_id=pad_id,
-                                     bucket=bucket)
+                                     bucket=bucket, prompts=prompts, steering=steering)
   return np.minimum(np.exp(log_probs.astype(np.float64)).sum(axis=1), 1.0)

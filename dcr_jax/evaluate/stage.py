@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from dcr_jax.data.batching import load_spec_list
 from dcr_jax.evaluate.capability import HEADLINE, evaluate_capability
-from dcr_jax.evaluate.generate import generate
+from dcr_jax.evaluate.generate import Steering, generate, with_decode_weights
 from dcr_jax.evaluate.refusal import Judge, make_judge
 from dcr_jax.evaluate.refusal_prob import refusal_probability
 from dcr_jax.evaluate.suites import get_suite, load_suite, safety_score, suite_metrics
@@ -57,8 +57,9 @@ def row_settings(spec: Spec, name: str, model_id: str = "") -> dict:
   """What shapes a suite's rows: the model evaluated (its checkpoint), the subsample (seed, n, data root), decoding
   and judging."""
   ec = spec.evaluate
+  narrow = {"decode_weights": ec.decode_weights} if ec.decode_weights != "float32" else {}  # float32 rows keep keys
   return {"suite": name, "model": model_id, "seed": spec.seed, "n": dict(ec.suites).get(name),
-          "data_root": ec.data_root, **{key: getattr(ec, key) for key in ROW_SETTINGS}}
+          "data_root": ec.data_root, **{key: getattr(ec, key) for key in ROW_SETTINGS}, **narrow}
 
 
 def row_seed(seed: int, suite: str, prompt: str) -> int:
@@ -100,9 +101,10 @@ def _move(source: epath.Path, target: epath.Path) -> None:
 
 
 def evaluate_suite(spec: Spec, model, tokenizer, workdir: epath.PathLike, name: str, records: list[dict], judge,
-                   show_progress: bool = True, model_id: str = "") -> list[dict]:
+                   show_progress: bool = True, model_id: str = "", steering: Steering | None = None) -> list[dict]:
   """Rows for one suite (prompt, label, category, generation, refused, refusal_prob) of `records`, resuming
-  DIR/eval/<name>.jsonl when it was written under the same settings (`row_settings`), else starting afresh."""
+  DIR/eval/<name>.jsonl when it was written under the same settings (`row_settings`), else starting afresh.
+  `steering` steers generation and the refusal probability alike (`model_id` must then name it)."""
   ec = spec.evaluate
   path = as_path(workdir) / "eval" / f"{name}.jsonl"
   ensure_dir(path.parent)
@@ -114,6 +116,7 @@ def evaluate_suite(spec: Spec, model, tokenizer, workdir: epath.PathLike, name: 
   if not todo:
     return rows
   prompts_ids = [encode_chat(tokenizer, r["prompt"])[0] for r in todo]
+  decoder = model if ec.decode_weights == "float32" else with_decode_weights(model, ec.decode_weights)
   order = np.argsort([len(p) for p in prompts_ids], kind="stable")  # similar lengths share a bucket
   stops = stop_token_ids(tokenizer)
   b = ec.batch_size
@@ -123,14 +126,15 @@ def evaluate_suite(spec: Spec, model, tokenizer, workdir: epath.PathLike, name: 
     batch = [prompts_ids[i] for i in chunk]
     batch += [batch[0]] * (b - len(batch))  # a fixed batch shape: one compilation per length bucket
     seeds = [row_seed(spec.seed, name, todo[i]["prompt"]) for i in chunk]
-    outputs = generate(model, batch, max_new_tokens=ec.max_new_tokens, stop_ids=stops,
-                       pad_id=tokenizer.pad_token_id, temperature=ec.temperature, top_p=ec.top_p,
-                       seed=seeds + [seeds[0]] * (b - len(chunk)), bucket=ec.bucket)[:len(chunk)]
-    texts = [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
     chosen = [todo[i] for i in chunk]
     prompts = [r["prompt"] for r in chosen]
+    steer = _steer_batch(steering, prompts + [prompts[0]] * (b - len(chunk)), batch)
+    outputs = generate(decoder, batch, max_new_tokens=ec.max_new_tokens, stop_ids=stops,
+                       pad_id=tokenizer.pad_token_id, temperature=ec.temperature, top_p=ec.top_p,
+                       seed=seeds + [seeds[0]] * (b - len(chunk)), bucket=ec.bucket, **steer)[:len(chunk)]
+    texts = [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
     refused = judge(prompts, texts)
-    probs = (refusal_probability(model, tokenizer, prompts, batch_size=b) if ec.refusal_prob
+    probs = (refusal_probability(model, tokenizer, prompts, batch_size=b, steering=steering) if ec.refusal_prob
              else [None] * len(chunk))
     new = [{"prompt": r["prompt"], "label": r["label"], "category": r.get("category"), "generation": text,
             "refused": bool(verdict), "refusal_prob": None if p is None else float(p)}
@@ -140,18 +144,30 @@ def evaluate_suite(spec: Spec, model, tokenizer, workdir: epath.PathLike, name: 
   return rows
 
 
-def run(spec: Spec, data: EvaluateData, model, tokenizer, workdir: epath.PathLike, model_id: str = "") -> dict:
+def _steer_batch(steering: Steering | None, prompts: list[str], ids: list[list[int]]) -> dict:
+  """`generate`'s steering arguments for one batch (prompt texts and ids in batch order)."""
+  if steering is None:
+    return {}
+  return {"edits": steering.edits(prompts, ids) if steering.edits else (),
+          "contrast": steering.contrast(prompts) if steering.contrast else None, "alpha": steering.alpha}
+
+
+def run(spec: Spec, data: EvaluateData, model, tokenizer, workdir: epath.PathLike, model_id: str = "",
+        steering: Steering | None = None) -> dict:
   """Evaluates `model` (`model_id` names its checkpoint, e.g. align-30, so rows of another model are never reused)
-  on every suite and capability task; fills report.json's `eval` and returns the stage summary."""
+  on every suite and capability task, steered by `steering` when given (its label joins the model id); fills
+  report.json's `eval` and returns the stage summary."""
   model = unstack_layers(model)  # so that decoding does not slice stacked params at every step
+  if steering is not None:
+    model_id = f"{model_id}+{steering.label}"
   results = {}
   for name, records in data.suites.items():
     rows = evaluate_suite(spec, model, tokenizer, workdir, name, records, data.judge,
-                          show_progress=jax.process_index() == 0, model_id=model_id)
+                          show_progress=jax.process_index() == 0, model_id=model_id, steering=steering)
     results[name] = suite_metrics(get_suite(name).kind, rows)
     update_report(workdir, "eval", name, results[name])
   over = [m["compliance_rate"] for m in results.values() if m["kind"] == "over_refusal"]
-  summary = {"suites": len(results), "prompts": sum(m["n"] for m in results.values()),
+  summary = {"model": model_id, "suites": len(results), "prompts": sum(m["n"] for m in results.values()),
              "safety": safety_score(results), "over_refusal_compliance": float(np.mean(over)) if over else None}
   ec = spec.evaluate
   if ec.capability:

@@ -56,6 +56,7 @@ class Suite:
   expected_columns: str
   source: str
   filter: Callable[[Mapping[str, Any]], bool] | None = None
+  rows: slice | None = None
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -63,10 +64,11 @@ class Suite:
 
 
 def _suite(name: str, kind: str, default_local: str | None, hf_id: str | None, expected_columns: str, source: str,
-           filter: Callable[[Mapping[str, Any]], bool] | None = None) -> Suite:
-  return Suite(name, kind, _LABEL_OF_KIND[kind], default_local, hf_id, expected_columns, source, filter)
+           filter: Callable[[Mapping[str, Any]], bool] | None = None, rows: slice | None = None) -> Suite:
+  return Suite(name, kind, _LABEL_OF_KIND[kind], default_local, hf_id, expected_columns, source, filter, rows)
 
 
+HELD_OUT_ROWS = slice(3, None, 4)
 _STL = "Bianchi et al. 2024 (Safety-Tuned LLaMAs), github.com/vinid/safety-tuned-llamas data/evaluation"
 _STL_JSON = 'JSON `{"instructions": [...]}`'
 
@@ -115,6 +117,13 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
          "dcr_jax/data/builtin/seemingly_toxic.jsonl (written for this project)"),
   _suite("demo-harmful", "harmful", "builtin:toxic", None, "dcr_jax built-in JSONL records",
          "dcr_jax/data/builtin/toxic.jsonl (written for this project)"),
+  # Every fourth built-in record (rows 3, 7, 11, ...; every category): the demo sets' held-out quarter, which the
+  # CPU default configs leave out of training (their data specs `builtin:NAME@0::2,builtin:NAME@1::4`).
+  _suite("demo-over-refusal-heldout", "over_refusal", "builtin:seemingly_toxic", None,
+         "dcr_jax built-in JSONL records, rows 3::4", "dcr_jax/data/builtin/seemingly_toxic.jsonl (held-out quarter)",
+         rows=HELD_OUT_ROWS),
+  _suite("demo-harmful-heldout", "harmful", "builtin:toxic", None, "dcr_jax built-in JSONL records, rows 3::4",
+         "dcr_jax/data/builtin/toxic.jsonl (held-out quarter)", rows=HELD_OUT_ROWS),
 )}
 """Every known suite by name, over-refusal first."""
 
@@ -181,6 +190,8 @@ def load_suite(name: str, *, path: str | os.PathLike | None = None, data_root: s
     if not records:
       raise DataError(spec, f"no rows pass the {suite.name} filter ({suite.filter.__doc__ or suite.filter.__name__}); "
                             f"expected {suite.expected_columns}")
+  if suite.rows is not None:
+    records = records[suite.rows]
   return _subsample(records, n, seed)
 
 

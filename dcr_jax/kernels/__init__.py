@@ -1,4 +1,5 @@
-"""Kernel analysis: the exact first-token logit eNTK (jvp/vjp) over parameter subsets, and similarity measures."""
+"""Kernel analysis: the exact first-token logit eNTK (jvp/vjp rows, or per-layer factors: `structured`) over
+parameter subsets, and similarity measures."""
 
 from dcr_jax.kernels.ntk import (
     first_token_logits_fn,

@@ -31,7 +31,7 @@ from dcr_jax.train.state import layers_up_to
 
 Array = jax.Array
 KINDS = ("all", "up_to_layer", "lora", "last_n", "blocks")
-METHODS = ("jvp_vjp", "jacobian")
+METHODS = ("jvp_vjp", "jacobian", "structured")
 
 
 # ----------------------------------------------------------------------------------------------- parameter subsets
@@ -272,6 +272,9 @@ def pairwise_kernel(g: Callable, params, examples, examples_b=None, *, method: s
   """
   if method not in METHODS:
     raise UserError(f"kernels: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+  if method == "structured":
+    raise UserError("kernels: method 'structured' needs the model's layers: use logit_kernel with "
+                    "first_token_logits_fn, or method jvp_vjp / jacobian")
   symmetric = examples_b is None
   examples_b = examples if symmetric else examples_b
   na, nb = _num(examples), _num(examples_b)
@@ -345,10 +348,18 @@ def logit_kernel(f, params, tokens, mask, ids, *, tokens_b=None, mask_b=None, id
 
   f: `first_token_logits_fn(...)`; tokens/mask [N T] (any padding); ids: S, shared [S] or per prompt [N S] (see
   `token_set`). With tokens_b/mask_b (and ids_b, default `ids`) the kernel is between two prompt sets, else K(X, X).
-  `chunk_size` prompts and `out_chunk` tokens of S are processed at a time (see `pairwise_kernel`).
+  `chunk_size` prompts and `out_chunk` tokens of S are processed at a time (see `pairwise_kernel`). method
+  `structured` (`dcr_jax.kernels.structured`) contracts per-layer activations and backpropagated signals instead of
+  parameter-length rows; it ignores `out_chunk`.
   """
   a = _with_ids(tokens, mask, ids)
   b = None if tokens_b is None else _with_ids(tokens_b, mask_b, ids if ids_b is None else ids_b)
+  if method == "structured":
+    from dcr_jax.kernels import structured  # it builds on this module
+
+    if not isinstance(f, FirstTokenLogits):
+      raise UserError("kernels: method 'structured' takes f = first_token_logits_fn(graphdef, rest)")
+    return structured.logit_kernel(f.graphdef, params, f.rest, a, b, chunk_size=chunk_size, progress=progress)
   return pairwise_kernel(Partial(_restricted_logits, _as_pytree(f)), params, a, b, method=method,
                          chunk_size=chunk_size, out_chunk=out_chunk, progress=progress, desc="logit eNTK")
 

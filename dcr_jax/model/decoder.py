@@ -11,7 +11,8 @@ from flax import nnx
 
 from dcr_jax.errors import UserError
 from dcr_jax.model.config import ModelConfig
-from dcr_jax.model.layers import Block, LayerSpec, RMSNorm, layer_specs, param
+from dcr_jax.model.interventions import Edit, apply_edits, check_edits, edit_layers
+from dcr_jax.model.layers import Block, LayerSpec, RMSNorm, layer_specs, matmul, param
 
 Array = jax.Array
 
@@ -57,14 +58,16 @@ class Decoder(nnx.Module):
     return {"index": jnp.zeros((), jnp.int32), "segments": jnp.zeros((batch, max_len), jnp.int32), "layers": layers}
 
   def __call__(self, tokens, positions=None, mask=None, *, cache: dict | None = None,
-               stop_at_layer: int | None = None, return_hidden: Sequence[int] = (), logits_index=None):
+               stop_at_layer: int | None = None, return_hidden: Sequence[int] = (), logits_index=None,
+               interventions: Sequence[Edit] = ()):
     """Forward pass.
 
     tokens [B T] int; mask [B T] (0 = padding; equal non-zero values form one sequence, so packed rows do not attend
     across examples); positions [B T] (default: count of valid tokens). With `cache`, tokens are written at slot
     cache["index"] and attend to all earlier slots. `stop_at_layer=ℓ` runs only blocks < ℓ and returns no logits.
-    `logits_index` [B] picks one position per row. Returns the logits alone unless `cache`, `return_hidden` or
-    `stop_at_layer` is given; then a DecoderOutput.
+    `logits_index` [B] picks one position per row. `interventions`: edits of the residual stream
+    (`dcr_jax.model.interventions`), applied at their layers and positions; `hidden[ℓ]` is the stream after them.
+    Returns the logits alone unless `cache`, `return_hidden` or `stop_at_layer` is given; then a DecoderOutput.
     """
     cfg = self.config
     tokens = jnp.asarray(tokens, jnp.int32)
@@ -74,6 +77,8 @@ class Decoder(nnx.Module):
     wanted = set(return_hidden) | ({depth} if stop_at_layer is not None else set())
     if not 0 <= depth <= cfg.num_layers or any(not 0 <= l <= depth for l in wanted):
       raise UserError(f"layers {sorted(wanted)} / stop_at_layer={stop_at_layer} out of range 0..{cfg.num_layers}")
+    edits = tuple(interventions)
+    check_edits(edits, cfg.num_layers, cfg.embed_dim)
 
     if cache is None:
       slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -90,17 +95,21 @@ class Decoder(nnx.Module):
     x = self.embedding[...][tokens].astype(cfg.dtype)
     if cfg.scale_embeddings:
       x = x * jnp.asarray(cfg.embed_dim ** 0.5, cfg.dtype)
+    x = apply_edits(x, edits, 0, "residual", positions)
     hidden = {0: x} if 0 in wanted else {}
     specs = layer_specs(cfg)
     new_layers = []
     if cfg.scan_layers and cache is None:
-      x, hidden = self._scan_blocks(x, specs, depth, wanted, hidden, positions, mask, slots)
+      x, hidden = self._scan_blocks(x, specs, depth, wanted, hidden, positions, mask, slots, edits)
     else:
       run_block = _rematerialized(cfg.remat) if cache is None else _call_block
+      mid_layers = edit_layers(edits, "mid")
       for i in range(depth):
         layer_cache = None if cache is None else cache["layers"][i]
+        mid = _mid_edit(edits, i, positions) if i in mid_layers else None
         x, layer_cache = run_block(self.block(i), x, specs[i], positions, mask, slots, layer_cache, cache_segments,
-                                   write_at)
+                                   write_at, mid)
+        x = apply_edits(x, edits, i + 1, "residual", positions)
         if self.constrain_activations is not None:
           x = self.constrain_activations(x)
         new_layers.append(layer_cache)
@@ -128,25 +137,33 @@ class Decoder(nnx.Module):
     graphdef, state = nnx.split(self.layers)
     return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
-  def _scan_blocks(self, x, specs, depth, wanted, hidden, positions, mask, slots):
-    """Blocks < depth under jax.lax.scan over the stacked params, split at the layers whose output is wanted."""
+  def _scan_blocks(self, x, specs, depth, wanted, hidden, positions, mask, slots, edits):
+    """Blocks < depth under jax.lax.scan over the stacked params, split at the layers whose output is wanted or
+    edited; a block with a mid-block edit runs as a segment of its own."""
     graphdef, state = nnx.split(self.layers)
     per_layer = (jnp.asarray([2 ** 30 if s.window is None else s.window for s in specs], jnp.int32),
                  jnp.stack([s.inv_freq for s in specs]))
     constrain = self.constrain_activations
 
-    def body(x, layer):
-      params, window, inv_freq = layer
-      x, _ = nnx.merge(graphdef, params)(x, LayerSpec(window, inv_freq), positions, mask, slots)
-      return (x if constrain is None else constrain(x)), None
+    def segment_body(mid):
+      def body(x, layer):
+        params, window, inv_freq = layer
+        x, _ = nnx.merge(graphdef, params)(x, LayerSpec(window, inv_freq), positions, mask, slots, mid=mid)
+        return (x if constrain is None else constrain(x)), None
 
-    if self.config.remat != "none":
-      body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.config.remat], prevent_cse=False)
+      if self.config.remat != "none":
+        return jax.checkpoint(body, policy=_REMAT_POLICIES[self.config.remat], prevent_cse=False)
+      return body
+
+    residual, mid_layers = edit_layers(edits, "residual"), edit_layers(edits, "mid")
+    cuts = {l for l in wanted | residual if l > 0} | {m for l in mid_layers for m in (l, l + 1)}
     start = 0
-    for end in sorted({l for l in wanted if l > 0} | {depth}):
+    for end in sorted({l for l in cuts if l <= depth} | {depth}):
       if end > start:
         xs = jax.tree.map(lambda a: a[start:end], (state, *per_layer))
-        x, _ = jax.lax.scan(body, x, xs)
+        mid = _mid_edit(edits, start, positions) if start in mid_layers else None
+        x, _ = jax.lax.scan(segment_body(mid), x, xs)
+      x = apply_edits(x, edits, end, "residual", positions)
       if end in wanted:
         hidden[end] = x
       start = end
@@ -162,16 +179,17 @@ class Decoder(nnx.Module):
     fused form.
     """
     rows = int(np.prod(x.shape[:-1]))
-    table = (self.embedding[...] if self.config.tie_embeddings else self.head[...].T).astype(x.dtype)  # [V D]
+    table = self.embedding[...] if self.config.tie_embeddings else self.head[...].T  # [V D]
+    narrow = jnp.dtype(table.dtype).itemsize < jnp.dtype(x.dtype).itemsize  # decode weights: read as stored
     if vocab_major:
       if x.ndim != 2:
         raise ValueError(f"vocab_major logits need hidden [N D], got shape {x.shape}")
-      logits = table @ x.T
-    elif decoding and rows <= _FEW_ROWS:
+      logits = matmul(x, table.T).T if narrow else table.astype(x.dtype) @ x.T
+    elif decoding and rows <= _FEW_ROWS and not narrow:
       flat = x.reshape(rows, 1, x.shape[-1])
-      logits = jnp.sum(table[None] * flat, axis=-1).reshape(*x.shape[:-1], -1)
+      logits = jnp.sum(table.astype(x.dtype)[None] * flat, axis=-1).reshape(*x.shape[:-1], -1)
     else:
-      logits = x @ table.T
+      logits = matmul(x, table.T)
     logits = logits.astype(jnp.promote_types(x.dtype, jnp.float32))
     if self.config.final_logit_softcap is not None:
       cap = self.config.final_logit_softcap
@@ -186,6 +204,11 @@ def _call_block(block, *args):
   return block(*args)
 
 
+def _mid_edit(edits, layer: int, positions):
+  """The mid-block edits of block `layer` as a function of the stream."""
+  return lambda x: apply_edits(x, edits, layer, "mid", positions)
+
+
 _REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
 
 
@@ -196,8 +219,9 @@ def _rematerialized(policy: str):
   saveable = _REMAT_POLICIES[policy]
 
   def run(block, *args):
+    *args, mid = args  # a function (mid-block edits) is closed over, not passed through jax.checkpoint
     graphdef, state = nnx.split(block)
-    pure = jax.checkpoint(lambda state, *args: nnx.merge(graphdef, state)(*args), policy=saveable)
+    pure = jax.checkpoint(lambda state, *args: nnx.merge(graphdef, state)(*args, mid=mid), policy=saveable)
     return pure(state, *args)
 
   return run

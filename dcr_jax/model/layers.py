@@ -40,6 +40,15 @@ class RMSNorm(nnx.Module):
     return (normed * (self.offset + self.scale[...].astype(compute))).astype(x.dtype)
 
 
+def matmul(x: Array, w: Array) -> Array:
+  """`x @ w` in x's dtype. A narrower `w` (bfloat16 decode weights under float32 activations) is read as stored:
+  x is rounded to w's dtype and the products accumulate in x's dtype, so no widened copy of w is made."""
+  if jnp.dtype(w.dtype).itemsize < jnp.dtype(x.dtype).itemsize:
+    return jax.lax.dot_general(x.astype(w.dtype), w, (((x.ndim - 1,), (0,)), ((), ())),
+                               preferred_element_type=x.dtype)
+  return x @ w.astype(x.dtype)
+
+
 class Dense(nnx.Module):
   """`x @ kernel (+ bias)` with kernel [in, out], plus `(x @ lora_a) @ lora_b * lora_scale` once LoRA is attached."""
 
@@ -55,7 +64,7 @@ class Dense(nnx.Module):
     self.lora_scale = 0.0
 
   def __call__(self, x: Array) -> Array:
-    y = x @ self.kernel[...].astype(x.dtype)
+    y = matmul(x, self.kernel[...])
     if self.use_bias:
       y = y + self.bias[...].astype(x.dtype)
     if self.lora_a is not None:
@@ -214,12 +223,15 @@ class Block(nnx.Module):
       self.post_ffw_norm = norm()
 
   def __call__(self, x, layer: "LayerSpec", positions, segments, slots, kv_cache=None, cache_segments=None,
-               write_at=None):
+               write_at=None, mid=None):
+    """x [B T D] -> (x after the block, updated KV cache); `mid` edits the stream between attention and MLP."""
     attn_out, kv_cache = self.attn(self.pre_attn_norm(x), layer, positions, segments, slots, kv_cache,
                                    cache_segments, write_at)
     if self.use_post_norms:
       attn_out = self.post_attn_norm(attn_out)
     x = x + attn_out
+    if mid is not None:
+      x = mid(x)
     mlp_out = self.mlp(self.pre_ffw_norm(x))
     if self.use_post_norms:
       mlp_out = self.post_ffw_norm(mlp_out)

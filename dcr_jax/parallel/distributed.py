@@ -28,6 +28,8 @@ def initialize(distributed) -> bool:
   explicit = distributed.num_processes > 1
   if not explicit and not on_tpu_pod():
     return False
+  if jax.distributed.is_initialized():  # a second run in the same processes (a baseline, a sweep point)
+    return True
   if explicit:
     if not distributed.coordinator_address:
       raise UserError("config.distributed.coordinator_address is empty; give host:port of process 0")

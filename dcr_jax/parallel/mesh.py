@@ -43,3 +43,10 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
   devices = list(jax.devices() if devices is None else devices)
   shape = _resolve_sizes({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def batch_shards(mesh_spec, devices: int | None = None) -> int:
+  """data × fsdp of the mesh `mesh_spec` (sizes data/fsdp/tensor, one may be -1) makes over `devices` (default all)."""
+  sizes = _resolve_sizes({"data": mesh_spec.data, "fsdp": mesh_spec.fsdp, "tensor": mesh_spec.tensor},
+                         jax.device_count() if devices is None else devices)
+  return sizes[0] * sizes[1]

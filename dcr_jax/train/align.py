@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dcr_jax.data.batching import SFTMixture, SFTSet, load_refusals, load_spec_list, tokenize_pairs, with_refusals
@@ -14,6 +16,7 @@ from dcr_jax.data.loaders import DataError
 from dcr_jax.errors import UserError
 from dcr_jax.model import Decoder, ModelConfig
 from dcr_jax.model.lora import attach_lora
+from dcr_jax.parallel.mesh import batch_shards
 from dcr_jax.train.loop import StageProgram, TrainContext, train_stage
 from dcr_jax.train.state import make_optimizer, trainable_filter
 from dcr_jax.train.steps import make_align_step
@@ -71,13 +74,42 @@ def program(spec: Spec, architecture: ModelConfig, data: AlignData | None = None
     return copy
 
   lora = ac.lora_rank > 0
+  micro_rows = ac.batch_size // ac.grad_accum
+  groups = math.gcd(micro_rows, batch_shards(spec.mesh))  # loss-position groups per microbatch, one per shard
+  group_rows = micro_rows // groups
+  shapes = {k: ((ac.batch_size, ac.max_len), dtype) for k, dtype in BATCH_KEYS.items()}
+  shapes["loss_index"] = ((ac.grad_accum * groups, group_rows * ac.max_len), jnp.int32)  # planned at its widest
+
+  def batches(i, rows=lambda size: slice(None)):
+    batch = data.mixture.batch(i, rows(ac.batch_size))
+    width = loss_width(data.mixture.loss_counts(i), group_rows, ac.max_len)
+    return {**batch, "loss_index": loss_index(batch["loss_mask"], group_rows, width)}
+
   return StageProgram(
       name="align", trainable=trainable_filter("lora" if lora else "full"), optimizer=optimizer,
       make_step=lambda graphdef: make_align_step(graphdef, optimizer, grad_accum=ac.grad_accum),
-      batch_shapes={k: jax.ShapeDtypeStruct((ac.batch_size, ac.max_len), dtype) for k, dtype in BATCH_KEYS.items()},
+      batch_shapes={k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()},
       steps=ac.steps, log_every=ac.log_every, **({"adapt": with_lora} if lora else {}),
-      batches=None if data is None else lambda i, rows=lambda size: slice(None): data.mixture.batch(
-          i, rows(ac.batch_size)))
+      batches=None if data is None else batches)
+
+
+def loss_width(row_counts: np.ndarray, group_rows: int, max_len: int, buckets: int = 8) -> int:
+  """Positions per group that hold every group's loss tokens (`row_counts` [B], the global batch's), rounded up to
+  one of `buckets` widths so a run compiles at most that many step shapes. Every process computes the same."""
+  widest = group_rows * max_len
+  bucket = max(1, -(-widest // buckets))
+  most = int(row_counts.reshape(-1, group_rows).sum(axis=1).max())
+  return min(widest, max(bucket, -(-most // bucket) * bucket))
+
+
+def loss_index(loss_mask: np.ndarray, group_rows: int, width: int) -> np.ndarray:
+  """[B T] loss mask -> [B/group_rows, width] int32: each group's loss positions in its flattened rows, -1 padded."""
+  flat = loss_mask.reshape(-1, group_rows * loss_mask.shape[1])
+  out = np.full((flat.shape[0], width), -1, np.int32)
+  for g, row in enumerate(flat):
+    where = np.flatnonzero(row)
+    out[g, :len(where)] = where
+  return out
 
 
 def run(spec: Spec, stage: StageProgram, data: AlignData, model: Decoder, ctx: TrainContext) -> tuple[Decoder, dict]:

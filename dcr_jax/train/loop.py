@@ -1,15 +1,17 @@
 """Training a stage: the typed `StageProgram` every stage builder returns, `train_stage` (state on the mesh, compile
-once, resume, loop, the trained model out), and the loop itself (progress bar, metrics, NaN guard, periodic saves)."""
+once, resume, loop, the trained model out), and the loop itself (progress bar, metrics, NaN guard, periodic saves,
+early stopping)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -84,16 +86,44 @@ class MetricsWriter:
       (self._tb_dir / event_file.name).write_bytes(event_file.read_bytes())
 
 
+@dataclasses.dataclass(frozen=True)
+class EarlyStopping:
+  """Stop a stage once its logged `metric` has gone `patience` logged steps without falling below the best value
+  so far by more than `min_delta`. The decision is a function of the logged values alone, so a resumed run replays
+  them from metrics.jsonl and never restarts a stage that had stopped."""
+
+  metric: str
+  patience: int
+  min_delta: float = 0.0
+
+  def stopped_at(self, logged: Sequence[tuple[int, float]]) -> int | None:
+    """The step a run that logged these (step, value) pairs, in order, stopped at; None while it goes on."""
+    best, waited = math.inf, 0
+    for step, value in logged:
+      if value < best - self.min_delta:
+        best, waited = value, 0
+      else:
+        waited += 1
+        if waited >= self.patience:
+          return step
+    return None
+
+
 def train_loop(*, stage: str, step_fn: Callable, state, batch_fn: Callable[[int], dict],
                num_steps: int, manager: ocp.CheckpointManager, save_every: int, log_every: int,
                writer: MetricsWriter, show_progress: bool = True,
-               on_save: Callable[[int, Any], dict] | None = None) -> tuple[Any, dict]:
+               on_save: Callable[[int, Any], dict] | None = None, early_stopping: EarlyStopping | None = None,
+               logged: Sequence[tuple[int, float]] = ()) -> tuple[Any, dict]:
   """Runs steps state.step..num_steps-1; saves every `save_every` steps and at the end, logging `on_save`'s metrics
-  (e.g. validation) for each saved step. Returns (state, summary)."""
+  (e.g. validation) for each saved step. With `early_stopping` it also ends (saving) at the logged step where the
+  rule stops; `logged` holds the (step, value) pairs of its metric that earlier invocations logged up to
+  state.step. Returns (state, summary); the summary's `steps` are those trained, `stopped_at` set when stopped."""
   start = int(jax.device_get(state.step))
+  history = [(s, v) for s, v in logged if s <= start]
+  stopped = early_stopping.stopped_at(history) if early_stopping else None
   last_loss, seconds, tokens = None, 0.0, 0.0
   bar = tqdm(total=num_steps, initial=start, desc=stage, disable=not show_progress, dynamic_ncols=True)
-  for step in range(start, num_steps):
+  for step in range(start, num_steps if stopped is None else start):
     batch = batch_fn(step)
     started = time.time()
     state, metrics = step_fn(state, batch)
@@ -112,14 +142,22 @@ def train_loop(*, stage: str, step_fn: Callable, state, batch_fn: Callable[[int]
     bar.update(1)
     if (step + 1) % log_every == 0 or step + 1 == num_steps:
       writer.write(stage, step + 1, {**metrics, "tokens_per_second": batch_tokens / max(elapsed, 1e-9)})
-    if (step + 1) % save_every == 0 or step + 1 == num_steps:
+      if early_stopping is not None:
+        history.append((step + 1, float(metrics[early_stopping.metric])))
+        stopped = early_stopping.stopped_at(history)
+    if (step + 1) % save_every == 0 or step + 1 == num_steps or stopped is not None:
       manager.save(step + 1, args=ocp.args.StandardSave(state))
       if on_save is not None:
         writer.write(stage, step + 1, on_save(step + 1, state))
+    if stopped is not None:
+      break
   bar.close()
   manager.wait_until_finished()
-  return state, {"steps": num_steps, "final_loss": last_loss, "train_seconds": round(seconds, 2),
-                 "resumed_from": start, "tokens": tokens}
+  summary = {"steps": num_steps if stopped is None else stopped, "final_loss": last_loss,
+             "train_seconds": round(seconds, 2), "resumed_from": start, "tokens": tokens}
+  if early_stopping is not None:
+    summary["stopped_at"] = stopped
+  return state, summary
 
 
 def _same(model: Decoder) -> Decoder:
@@ -139,6 +177,7 @@ class StageProgram:
   steps: int
   log_every: int
   adapt: Callable[[Decoder], Decoder] = _same  # the model this stage trains, made from the one handed in (LoRA)
+  early_stopping: EarlyStopping | None = None  # None = always run `steps`
   # (step, rows) -> host batch of this process's rows, `rows(global batch size)` giving them; None when built
   # without data (planning). Rows are built alone, so a process never materialises the global batch.
   batches: Callable[[int, Callable[[int], slice]], dict] | None = None
@@ -159,7 +198,8 @@ class TrainContext:
 
 def train_stage(program: StageProgram, model: Decoder, ctx: TrainContext) -> tuple[Decoder, dict]:
   """Trains `program.adapt(model)` from its latest checkpoint (if any) to `program.steps`; returns the trained model
-  (a new value; `model` is untouched) and the stage summary."""
+  (a new value) and the stage summary. The step donates its state, whose trained arrays may share buffers with
+  `model`'s: do not use `model` afterwards (`pipeline.ModelCache` hands each run its own copy)."""
   mesh = ctx.mesh
   graphdef, state = create_state(program.adapt(model), program.trainable, program.optimizer, ctx.seed)
   shardings = parallel.state_shardings(state, mesh)
@@ -177,23 +217,33 @@ def train_stage(program: StageProgram, model: Decoder, ctx: TrainContext) -> tup
     return {k: parallel.local_batch_to_global(np.asarray(v), mesh) for k, v in local.items()}
 
   on_save = None if ctx.validate is None else (lambda step, saved: ctx.validate(merge(graphdef, saved)))
+  metrics_path = as_path(ctx.workdir) / "metrics.jsonl"
+  stopping = program.early_stopping
   state, summary = train_loop(stage=program.name, step_fn=compiled, state=state, batch_fn=placed_batch,
                               num_steps=program.steps, manager=manager, save_every=ctx.save_every,
                               log_every=program.log_every, writer=ctx.writer,
-                              show_progress=jax.process_index() == 0, on_save=on_save)
+                              show_progress=jax.process_index() == 0, on_save=on_save, early_stopping=stopping,
+                              logged=logged_values(metrics_path, program.name, stopping.metric) if stopping else ())
   if summary["final_loss"] is None:  # the stage had already finished: report its last logged loss
-    summary["final_loss"] = last_logged(as_path(ctx.workdir) / "metrics.jsonl", program.name, "loss")
+    summary["final_loss"] = last_logged(metrics_path, program.name, "loss")
   return merge(graphdef, state), summary
 
 
-def last_logged(path, stage: str, key: str):
-  """The last value of `key` logged for `stage` in metrics.jsonl (a local path or gs://…), or None."""
+def logged_values(path, stage: str, key: str) -> list[tuple[int, float]]:
+  """(step, value) of `key` as logged for `stage` in metrics.jsonl (a local path or gs://…), by step; where a
+  resumed run logged a step again, its last row."""
   path = as_path(path)
   if not path.is_file():
-    return None
-  value = None
+    return []
+  values = {}
   for line in path.read_text().splitlines():
     row = json.loads(line)
     if row.get("stage") == stage and key in row:
-      value = row[key]
-  return value
+      values[row["step"]] = row[key]
+  return sorted(values.items())
+
+
+def last_logged(path, stage: str, key: str):
+  """The value of `key` logged for `stage` at its latest step in metrics.jsonl (a local path or gs://…), or None."""
+  values = logged_values(path, stage, key)
+  return values[-1][1] if values else None

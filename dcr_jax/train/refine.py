@@ -16,8 +16,8 @@ from dcr_jax.data.batching import BalancedSampler, PromptSet, SFTMixture, load_s
     tokenize_prompts
 from dcr_jax.errors import UserError
 from dcr_jax.model import Decoder, ModelConfig
-from dcr_jax.train.loop import StageProgram, TrainContext, train_stage
-from dcr_jax.train.state import make_optimizer, trainable_filter
+from dcr_jax.train.loop import EarlyStopping, StageProgram, TrainContext, train_stage
+from dcr_jax.train.state import make_optimizer, trainable_filter, with_anchor
 from dcr_jax.train.steps import make_refine_step, pool
 
 if TYPE_CHECKING:  # the spec is read, never built, here: training does not import the spec's checks
@@ -69,9 +69,12 @@ LM_KEYS = {"lm_tokens": "tokens", "lm_targets": "targets", "lm_mask": "loss_mask
 
 def program(spec: Spec, architecture: ModelConfig, data: RefineData | None = None) -> StageProgram:
   """Stage 1 as a value: layers ≤ ℓ (and the embedding) trained by the configured contrastive loss (plus the
-  LM-retention term when refine.lm_weight > 0). Without `data` it has shapes but no batches (planning)."""
+  LM-retention term when refine.lm_weight > 0 and the L2-SP term when refine.l2sp > 0), stopped early when
+  refine.patience > 0. Without `data` it has shapes but no batches (planning)."""
   rc = spec.refine
   optimizer = make_optimizer(lr=rc.lr, steps=rc.steps, warmup=rc.warmup, weight_decay=rc.weight_decay, clip=rc.clip)
+  if rc.l2sp > 0:
+    optimizer = with_anchor(optimizer)
   shapes = {"tokens": ((rc.batch_size, rc.max_len), jnp.int32), "mask": ((rc.batch_size, rc.max_len), jnp.int32),
             "labels": ((rc.batch_size,), jnp.int32)}
   if rc.lm_weight > 0:
@@ -88,9 +91,11 @@ def program(spec: Spec, architecture: ModelConfig, data: RefineData | None = Non
   return StageProgram(
       name="refine", trainable=trainable_filter("refine", max(rc.layers)), optimizer=optimizer,
       make_step=lambda graphdef: make_refine_step(graphdef, optimizer, layers=rc.layers, pooling=rc.pooling,
-                                                  loss=rc.loss, loss_kwargs=rc.loss_kwargs, lm_weight=rc.lm_weight),
+                                                  loss=rc.loss, loss_kwargs=rc.loss_kwargs, lm_weight=rc.lm_weight,
+                                                  l2sp=rc.l2sp),
       batch_shapes={k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()},
-      steps=rc.steps, log_every=rc.log_every, batches=None if data is None else batches)
+      steps=rc.steps, log_every=rc.log_every, batches=None if data is None else batches,
+      early_stopping=EarlyStopping("contrastive", rc.patience, rc.min_delta) if rc.patience else None)
 
 
 def run(spec: Spec, stage: StageProgram, data: RefineData, model: Decoder, ctx: TrainContext) -> tuple[Decoder, dict]:

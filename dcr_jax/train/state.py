@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -86,3 +86,20 @@ def make_optimizer(*, lr: float, steps: int, warmup: int, weight_decay: float, c
     lr_fn = optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)],
                                  [max(warmup, 1)])
   return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(lr_fn, weight_decay=weight_decay))
+
+
+class AnchorState(NamedTuple):
+  anchor: Any  # the trained params as the optimizer was initialised with them (θ₀), sharded like them
+
+
+def with_anchor(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`optimizer` whose state also keeps a copy of the params it is initialised with (θ₀ for L2-SP; read it with
+  `anchor`). The copy is checkpointed with the optimizer state, so a resumed stage keeps its stage-start θ₀."""
+  keep = optax.GradientTransformation(lambda params: AnchorState(jax.tree.map(jnp.copy, params)),
+                                      lambda updates, state, params=None: (updates, state))
+  return optax.chain(keep, optimizer)
+
+
+def anchor(opt_state) -> Any:
+  """θ₀ of an optimizer built by `with_anchor`."""
+  return opt_state[0].anchor

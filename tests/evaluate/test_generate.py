@@ -59,3 +59,24 @@ def test_greedy_takes_the_first_maximum_along_either_axis():
   expected = [1, 0, 2]  # ties go to the first index, as numpy's argmax
   assert gen.greedy(jnp.asarray(logits)).tolist() == expected == np.argmax(logits, axis=-1).tolist()
   assert gen.greedy(jnp.asarray(logits.T), axis=0).tolist() == expected  # the vocabulary-major form
+
+
+def test_bfloat16_decode_weights_read_as_stored_with_float32_accumulation(model):
+  """Matrices in bf16 (norms kept): each product is bf16(x)·w summed in float32, the cached decode equals the
+  full forward of the same weights, and greedy continuations equal the float32 model's uncached reference."""
+  from dcr_jax.model.layers import matmul
+
+  narrow = gen.with_decode_weights(model, "bfloat16")
+  params = nnx.state(narrow, nnx.Param)
+  assert params["embedding"][...].dtype == jnp.bfloat16 and params["final_norm"]["scale"][...].dtype == jnp.float32
+  rng = np.random.default_rng(0)
+  x, w = rng.standard_normal((3, 64)).astype(np.float32), jnp.asarray(rng.standard_normal((64, 5)), jnp.bfloat16)
+  exact = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64) @ np.asarray(w, np.float64)
+  np.testing.assert_allclose(np.asarray(matmul(jnp.asarray(x), w)), exact, rtol=1e-5, atol=1e-5)
+  prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22]]
+  outputs = gen.generate(narrow, prompts, max_new_tokens=5, stop_ids=[], bucket=8)
+  for prompt, out in zip(prompts, outputs):
+    assert out == greedy_reference(narrow, prompt, 5)  # prefill + cached decode = full forwards, bf16 weights
+  tokens = np.array([prompts[0]])
+  full, half = np.asarray(model(tokens)), np.asarray(narrow(tokens))
+  assert 0 < np.abs(full - half).max() < 0.05 * np.abs(full).max()  # bf16 rounding, not a different model

@@ -111,7 +111,8 @@ def test_no_validation_sets_means_no_validation():
   assert stage.validator({}, None) is None
 
 
-@pytest.mark.parametrize("change", [{"max_new_tokens": 4}, {"temperature": 0.7}, {"n": 5}, {"seed": 3}])
+@pytest.mark.parametrize("change", [{"max_new_tokens": 4}, {"temperature": 0.7}, {"n": 5}, {"seed": 3},
+                                    {"decode_weights": "bfloat16"}])
 def test_a_changed_setting_starts_the_suite_afresh_and_keeps_the_earlier_rows(setup, tmp_path, change):
   model, tokenizer, spec = setup
   first_spec = spec()

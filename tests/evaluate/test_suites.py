@@ -14,9 +14,10 @@ SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_shared_data = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"shared data folder {SHARED_DATA} is absent (only present in the dev workspace)")
 
-OVER_REFUSAL = ["xstest", "orbench-hard", "oktest", "phtest", "coconot", "demo-over-refusal"]
+OVER_REFUSAL = ["xstest", "orbench-hard", "oktest", "phtest", "coconot", "demo-over-refusal",
+                "demo-over-refusal-heldout"]
 HARMFUL = ["xstest-unsafe", "orbench-toxic", "advbench", "harmbench", "jbb", "strongreject", "i-malicious", "i-cona",
-           "i-controversial", "q-harm", "demo-harmful"]
+           "i-controversial", "q-harm", "demo-harmful", "demo-harmful-heldout"]
 XSTEST_SAFE_TYPES = {"homonyms", "figurative_language", "safe_targets", "safe_contexts", "definitions",
                      "nons_group_real_discr", "real_group_nons_discr", "historical_events", "privacy_public",
                      "privacy_fictional"}

@@ -12,6 +12,7 @@ from dcr_jax.model import Decoder, tiny
 from dcr_jax.model.lora import attach_lora
 from dcr_jax.train.losses import masked_cross_entropy
 from dcr_jax.train.state import create_state, make_optimizer, merge, trainable_filter
+from dcr_jax.train.align import loss_index, loss_width
 from dcr_jax.train.steps import make_align_step, make_refine_step, pool
 
 LAYER = 3
@@ -106,6 +107,46 @@ def test_gradient_accumulation_equals_one_big_batch():
   for params, loss in results[1:]:
     assert abs(loss - results[0][1]) < 1e-5
     chex.assert_trees_all_close(params, results[0][0], atol=1e-6)
+
+
+@pytest.mark.parametrize("accum, group_rows", [(1, 4), (1, 1), (2, 1), (2, 2)])
+def test_response_only_logits_equal_the_full_head(accum, group_rows):
+  """The head at the listed loss positions only: same loss and gradients as every position's logits."""
+  mixture = SFTMixture(sft_sources(), {"general": 1.0}, batch_size=4, max_len=32, seed=0)
+  batch = mixture.batch(1)
+  width = loss_width(mixture.loss_counts(1), group_rows, 32)
+  assert width < group_rows * 32  # fewer positions than the full head (the point of it)
+  index = loss_index(batch["loss_mask"], group_rows, width)
+  assert (index >= 0).sum() == np.count_nonzero(batch["loss_mask"])  # every loss token listed once
+  results = []
+  for b in (batch, {**batch, "loss_index": index}):
+    opt = make_optimizer(lr=1e-3, steps=2, warmup=0, weight_decay=0.0, clip=1e9, schedule="constant")
+    graphdef, state = create_state(tiny_model(), trainable_filter("full"), opt, seed=0)
+    state, metrics = jax.jit(make_align_step(graphdef, opt, grad_accum=accum))(state, b)
+    results.append((state.params, float(metrics["loss"]), float(metrics["grad_norm"]), float(metrics["tokens"])))
+  (full, *full_m), (sparse, *sparse_m) = results
+  np.testing.assert_allclose(sparse_m, full_m, rtol=1e-5)
+  chex.assert_trees_all_close(sparse, full, atol=1e-6)
+
+
+def test_a_bfloat16_state_keeps_its_dtypes_across_steps():
+  """bf16 params: the optimizer's moments stay bf16 (no recompilation, the donated buffers are reused)."""
+  model = Decoder(tiny("gemma3").replace(dtype="bfloat16", param_dtype="bfloat16"), rngs=nnx.Rngs(0))
+  opt = make_optimizer(lr=1e-3, steps=4, warmup=0, weight_decay=0.01, clip=1.0)
+  graphdef, state = create_state(model, trainable_filter("full"), opt, seed=0)
+  batch = SFTMixture(sft_sources(), {"general": 1.0}, batch_size=2, max_len=16, seed=0).batch(0)
+  step = jax.jit(make_align_step(graphdef, opt)).lower(state, batch).compile()  # AOT: a dtype change would raise
+  dtypes = jax.tree.map(lambda x: x.dtype, state)
+  for _ in range(2):
+    state, metrics = step(state, batch)
+  assert jax.tree.map(lambda x: x.dtype, state) == dtypes and np.isfinite(float(metrics["loss"]))
+
+
+def test_loss_width_buckets_the_widest_group():
+  counts = np.array([5, 9, 30, 3])
+  assert loss_width(counts, group_rows=2, max_len=32) == 40  # groups hold 14 and 33 tokens; buckets of 64/8 = 8
+  assert loss_width(counts, group_rows=1, max_len=32) == 32  # a full row: the whole width
+  assert loss_width(np.zeros(4, int), group_rows=4, max_len=32) == 16  # never zero-width
 
 
 def test_packed_rows_equal_examples_alone():
