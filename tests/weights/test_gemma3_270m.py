@@ -41,6 +41,7 @@ def pair():
   return embedded_pair("gemma3-270m")
 
 
+@pytest.mark.slow  # transformers converts the GGUF vocabulary (~17 s); the logits and greedy tests use our tokenizer
 def test_tokenizer_matches_transformers_gguf_tokenizer(pair):
   _, tokenizer, _ = pair
   path = embedded_gguf_path()
