@@ -40,6 +40,7 @@ def test_bad_input_is_one_line_and_leaves_no_workdir(tmp_path, args, needle):
   assert not workdir.exists()
 
 
+@pytest.mark.slow  # over the default run's 15-minute budget; make test-all runs it
 def test_tiny_demo_writes_report_and_rerun_rejects_changed_config(tmp_path):
   workdir = tmp_path / "run"
   result = run_main("--config=configs/tiny.py", "--config.stages=demo", f"--workdir={workdir}")
@@ -89,6 +90,7 @@ def test_tiny_pipeline_trains_evaluates_and_reevaluates(tmp_path):
   assert json.loads((workdir / "config.json").read_text())["stages"] == "refine,align,evaluate"
 
 
+@pytest.mark.slow  # over the default run's 15-minute budget; make test-all runs it
 def test_tiny_pipeline_with_scanned_layers_and_lora(tmp_path):
   """scan_layers end to end: stage 1 on stacked weights, stacked LoRA adapters, checkpoints, evaluation."""
   workdir = tmp_path / "scan"

@@ -83,6 +83,7 @@ DIED = ("Terminating process because the JAX distributed service detected fatal 
 UNHEALTHY = "UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats):\n1\n"
 
 
+@pytest.mark.slow  # over the default run's 15-minute budget; make test-all runs it
 def test_killing_one_process_fails_both_and_rerun_resumes(tmp_path, compile_cache):
   """Stage 2 alone on 2 x 4 devices; process 1 is killed after its first checkpoint. Both launches reuse the
   compilation of the equality test's 2 x 4 stage 2 (the same program; the step count is not part of it)."""

@@ -19,6 +19,7 @@ eight_devices = pytest.mark.skipif(not EIGHT, reason="runs in the 8-device child
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2)]
 
 
+@pytest.mark.slow  # over the default run's 15-minute budget; make test-all runs it
 @pytest.mark.skipif(EIGHT or IN_CHILD, reason="this process already has 8 devices")
 def test_in_8_device_subprocess():
   rerun_in_child(__file__)

@@ -39,6 +39,7 @@ def logged(workdir, stage, step) -> bool:
   return any(r["stage"] == stage and r["step"] >= step for r in rows)
 
 
+@pytest.mark.slow  # over the default run's 15-minute budget; make test-all runs it
 def test_sigkill_twice_then_resume_is_bitwise_identical(tmp_path):
   reference = tmp_path / "reference"
   proc = start(reference)

@@ -13,6 +13,8 @@ transformers = pytest.importorskip("transformers")
 PROMPTS = ["How do I kill a Python process?", "Write a haiku about autumn leaves.",
            "What is the boiling point of water at sea level?"]
 
+pytestmark = pytest.mark.slow  # loading both real models costs ~60 s: make test-all runs these
+
 
 def embedded_pair(variant: str):
   """(our model, our tokenizer, transformers' model of the same GGUF) for an embedded variant."""
@@ -41,7 +43,6 @@ def pair():
   return embedded_pair("gemma3-270m")
 
 
-@pytest.mark.slow  # transformers converts the GGUF vocabulary (~17 s); the logits and greedy tests use our tokenizer
 def test_tokenizer_matches_transformers_gguf_tokenizer(pair):
   _, tokenizer, _ = pair
   path = embedded_gguf_path()
