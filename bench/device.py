@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_info, write_json  # noqa: E402
+from common import machine_info, time_fn, write_json  # noqa: E402
 
 # dense bf16 peak per chip, TFLOP/s (vendor figures, no sparsity)
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L4": 121.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0,
@@ -53,17 +53,8 @@ def model_config(name: str, dtype: str):
 
 
 def timed(fn: Callable[[], Any], steps: int, warmup: int) -> dict:
-  """Median/min wall seconds of `fn` (which must block) after `warmup` calls."""
-  import statistics
-
-  for _ in range(warmup):
-    fn()
-  walls = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    fn()
-    walls.append(time.perf_counter() - t0)
-  return {"median_s": statistics.median(walls), "min_s": min(walls), "walls": walls}
+  """`common.time_fn` with this script's argument names (`fn` blocks itself)."""
+  return time_fn(fn, warmup=warmup, repeats=steps, block=lambda _: None)
 
 
 def chip_peak(override: float | None) -> tuple[float | None, str]:

