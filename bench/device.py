@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -263,12 +264,18 @@ def main(argv=None) -> dict:
   report: dict[str, Any] = {"bench": "device", "smoke": args.smoke, "device_kind": kind, "peak_bf16_tflops": peak,
                             "measured_matmul_tflops": matmul, "machine": machine_info(), "sizes": sizes,
                             "results": {}}
+  failed: list[str] = []
   runners = {"mfu": lambda: bench_mfu(sizes["mfu"], peak, matmul), "stage1": lambda: bench_stage1(sizes["stage1"]),
              "generate": lambda: bench_generate(sizes["generate"]), "entk": lambda: bench_entk(sizes["entk"])}
   for part in parts:
     t0 = time.perf_counter()
     print(f"# {part} ...", flush=True)
-    report["results"][part] = runners[part]()
+    try:
+      report["results"][part] = runners[part]()
+    except Exception as e:  # one prepared run on a lent machine: a failing part must not lose the others
+      traceback.print_exc()
+      report["results"][part] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+      failed.append(part)
     report["results"][part]["part_s"] = time.perf_counter() - t0
     write_json(args.out, report)  # each part lands on disk as soon as it is done
   report["total_s"] = time.perf_counter() - started
@@ -278,6 +285,8 @@ def main(argv=None) -> dict:
       print(f"{name}: step {r['median_s']:.3f} s, {r['tokens_per_s']:.0f} tok/s, {r['achieved_tflops']:.1f} TFLOP/s, "
             f"MFU {r['mfu'] if r['mfu'] is None else round(100 * r['mfu'], 1)}%")
   print(f"wrote {write_json(args.out, report)} in {report['total_s']:.0f} s")
+  if failed:
+    raise SystemExit(f"bench/device.py: parts failed: {', '.join(failed)} (errors in {args.out})")
   return report
 
 
