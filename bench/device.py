@@ -45,12 +45,14 @@ SMOKE = {"mfu": {"models": ("tiny-qwen2", "tiny-gemma3"), "batch": 2, "seq": 32,
          "matmul": 256}
 
 
-def model_config(name: str, dtype: str):
-  """A variant's architecture (or `tiny-FAMILY`) in `dtype`, remat on, no scan (one compiled body per layer)."""
+def model_config(name: str, dtype: str, remat: str | None = None):
+  """A variant's architecture (or `tiny-FAMILY`) in `dtype`, no scan (one compiled body per layer); remat defaults to
+  full in bf16 (the training setting that fits any batch) and none otherwise."""
   from dcr_jax.model import get_variant, tiny
 
   cfg = tiny(name.removeprefix("tiny-")) if name.startswith("tiny-") else get_variant(name)
-  return cfg.replace(dtype=dtype, param_dtype=dtype, remat="full" if dtype == "bfloat16" else "none")
+  remat = remat or ("full" if dtype == "bfloat16" else "none")
+  return cfg.replace(dtype=dtype, param_dtype=dtype, remat=remat)
 
 
 def timed(fn: Callable[[], Any], steps: int, warmup: int) -> dict:
@@ -90,7 +92,7 @@ def step_flops(cfg, b: int, t: int, depth: int | None = None, head: bool = True)
   return 3.0 * forward
 
 
-def bench_mfu(p: dict, peak: float | None, matmul: float) -> dict:
+def bench_mfu(p: dict, peak: float | None, matmul: float, remat: str | None = None) -> dict:
   """bf16 stage-2 full fine-tuning steps at the real sizes: time, tokens/s, MFU."""
   import jax
   import numpy as np
@@ -102,7 +104,7 @@ def bench_mfu(p: dict, peak: float | None, matmul: float) -> dict:
 
   out = {}
   for name in p["models"]:
-    cfg = model_config(name, "bfloat16")
+    cfg = model_config(name, "bfloat16", remat)
     b, t = p["batch"], p["seq"]
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (b, t + 1)).astype(np.int32)
@@ -124,7 +126,7 @@ def bench_mfu(p: dict, peak: float | None, matmul: float) -> dict:
     res = timed(call, p["steps"], p["warmup"])
     flops = step_flops(cfg, b, t)
     achieved = flops / res["median_s"] / 1e12
-    out[name] = {**res, "compile_s": compile_s, "batch": b, "seq": t,
+    out[name] = {**res, "compile_s": compile_s, "batch": b, "seq": t, "remat": cfg.remat,
                  "params": int(sum(x.size for x in jax.tree.leaves(box["state"].params))),
                  "model_tflops_per_step": flops / 1e12, "achieved_tflops": achieved,
                  "tokens_per_s": b * t / res["median_s"], "mfu": achieved / peak if peak else None,
@@ -246,6 +248,10 @@ def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script end to end on a CPU")
   p.add_argument("--parts", default="mfu,stage1,generate,entk")
+  p.add_argument("--remat", choices=("full", "dots", "none"), default=None,
+                 help="the mfu part's rematerialisation (default full: recompute each block in the backward pass)")
+  p.add_argument("--batch", type=int, default=None, help="the mfu part's batch (default 8 sequences of 2048)")
+  p.add_argument("--models", default=None, help="the mfu part's models, comma-separated (default both sizes)")
   p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of one chip, if not in the table")
   p.add_argument("--out", default=None, help="default bench/results/device.json (device_smoke.json with --smoke)")
   args = p.parse_args(argv)
@@ -256,16 +262,20 @@ def main(argv=None) -> dict:
   if unknown:
     p.error(f"--parts: unknown {', '.join(unknown)}; choose from mfu, stage1, generate, entk")
   sizes = SMOKE if args.smoke else FULL
+  if args.models:
+    sizes = {**sizes, "mfu": {**sizes["mfu"], "models": tuple(m.strip() for m in args.models.split(",") if m.strip())}}
+  if args.batch:
+    sizes = {**sizes, "mfu": {**sizes["mfu"], "batch": args.batch}}
   started = time.perf_counter()
   peak, kind = chip_peak(args.peak_tflops)
   matmul = measured_matmul_tflops(sizes["matmul"])
   print(f"# {kind}: bf16 peak {peak} TFLOP/s (table), measured {sizes['matmul']}^3 matmul {matmul:.1f} TFLOP/s",
         flush=True)
-  report: dict[str, Any] = {"bench": "device", "smoke": args.smoke, "device_kind": kind, "peak_bf16_tflops": peak,
+  report: dict[str, Any] = {"bench": "device", "smoke": args.smoke, "argv": sys.argv[1:], "device_kind": kind, "peak_bf16_tflops": peak,
                             "measured_matmul_tflops": matmul, "machine": machine_info(), "sizes": sizes,
                             "results": {}}
   failed: list[str] = []
-  runners = {"mfu": lambda: bench_mfu(sizes["mfu"], peak, matmul), "stage1": lambda: bench_stage1(sizes["stage1"]),
+  runners = {"mfu": lambda: bench_mfu(sizes["mfu"], peak, matmul, args.remat), "stage1": lambda: bench_stage1(sizes["stage1"]),
              "generate": lambda: bench_generate(sizes["generate"]), "entk": lambda: bench_entk(sizes["entk"])}
   for part in parts:
     t0 = time.perf_counter()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 BENCHES = ("forward", "train_step", "generate", "kernels", "kernels_270m", "load_memory", "capability_parity")
-EXTRA = ("forward_smollm2", "generate_smollm2", "parity_270m", "decode_verdicts", "device")
+EXTRA = ("forward_smollm2", "generate_smollm2", "parity_270m", "decode_verdicts")
 VERSIONS = ("jax", "jaxlib", "flax", "torch", "transformers")
 NA = "n/a"
 HERE = Path(__file__).resolve().parent
@@ -415,18 +415,52 @@ def kernel_cases(kern: Any) -> list[str]:
   return [row(header), row(["---"] * len(header)), *(row(r) for r in rows)]
 
 
-def device_line(entry: dict[str, Any]) -> str:
-  """One sentence on bench/device.sh's run (device.json: bf16 stage-2 MFU at the 1.5B size), or that none ran."""
-  d = entry["data"]
-  if d is None:
-    if entry["error"]:
-      return f"device.json exists but is {entry['error']}."
-    return "No accelerator run recorded: bench/device.sh is prepared (its --smoke runs in the tests) and awaits one."
-  mfu = get(d, "results", "mfu", "qwen2.5-1.5b") or {}
-  value = num(get(mfu, "mfu"))
-  return (f"Accelerator run ({get(d, 'device_kind') or NA}{', smoke shapes' if get(d, 'smoke') else ''}): "
-          f"qwen2.5-1.5b-sized bf16 stage-2 step MFU {fmt(value * 100 if value is not None else None, '.1f', '%')} "
-          f"(goal >= 40%), {fmt(get(mfu, 'achieved_tflops'), '.1f', ' TFLOP/s')}, step {fmt_s(get(mfu, 'median_s'))}.")
+def device_lines(results: Path) -> list[str]:
+  """bench/device.py runs (device.json and device_*.json, smoke excluded): a stage-2 MFU row per model and setting,
+  then the stage-1, generation and eNTK parts of each run that has them."""
+  runs = []
+  for path in sorted(results.glob("device*.json")):
+    try:
+      data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+      runs.append((path.name, {"error": f"unreadable ({type(e).__name__})"}))
+      continue
+    if isinstance(data, dict) and not data.get("smoke"):
+      runs.append((path.name, data))
+  if not runs:
+    return ["No accelerator run recorded: bench/device.sh is prepared (its --smoke runs in the tests) and awaits one."]
+  header = ["file", "device", "model", "remat", "batch x seq", "step", "TFLOP/s", "MFU (goal >= 40% at 1.5B)",
+            "of measured matmul"]
+  rows, notes = [], []
+  for name, d in runs:
+    mfu = get(d, "results", "mfu") or {}
+    for model, r in mfu.items():
+      if not isinstance(r, dict) or model == "part_s":
+        continue
+      value = num(get(r, "mfu"))
+      rows.append([f"`{name}`", txt(get(d, "device_kind")), model, txt(get(r, "remat") or "full"),
+                   f"{txt(get(r, 'batch'))} x {txt(get(r, 'seq'))}", fmt_s(get(r, "median_s")),
+                   fmt(get(r, "achieved_tflops"), ".0f"), fmt(value * 100 if value is not None else None, ".1f", "%"),
+                   fmt(get(r, "fraction_of_measured_matmul"), ".2f")])
+    if "error" in mfu:
+      rows.append([f"`{name}`", txt(get(d, "device_kind")), "mfu part failed", "", "", "", "", "",
+                   txt(mfu["error"])[:80]])
+    s1, gen, entk = (get(d, "results", k) or {} for k in ("stage1", "generate", "entk"))
+    if "half_over_full" in s1:
+      notes.append(f"- `{name}` stage 1 ({txt(s1.get('model'))}, batch {txt(s1.get('batch'))} x {txt(s1.get('seq'))}):"
+                   f" step at l = L/2 takes {fmt_x(s1['half_over_full'])} the time of l = L.")
+    if "ours_over_transformers" in gen:
+      notes.append(f"- `{name}` generation ({txt(gen.get('model'))}-sized, bf16, batch {txt(gen.get('batch'))}, "
+                   f"{txt(gen.get('new_tokens'))} new tokens): {fmt(get(gen, 'ours', 'tokens_per_s'), '.0f')} tokens/s "
+                   f"against transformers' {fmt(get(gen, 'transformers', 'tokens_per_s'), '.0f')}, "
+                   f"{fmt_x(gen['ours_over_transformers'])}.")
+    if "second_s" in entk:
+      peak = num(entk.get("device_peak_bytes"))
+      notes.append(f"- `{name}` eNTK ({txt(entk.get('model'))}-sized, {txt(entk.get('method'))}, "
+                   f"{txt(entk.get('prompts'))} prompts x |S| = {txt(entk.get('top_k'))}, all parameters): "
+                   f"{fmt_s(entk.get('first_s'))} first call (compilation included), {fmt_s(entk['second_s'])} second; "
+                   f"device peak {fmt(peak / 2**30 if peak is not None else None, '.1f', ' GiB')}.")
+  return [row(header), row(["---"] * len(header)), *(row(r) for r in rows), "", *notes]
 
 
 def render(results: Path) -> str:
@@ -454,7 +488,7 @@ def render(results: Path) -> str:
     lines += kernel_cases(kern["data"])
   lines += ["", "## Numerics", "", *numerics_lines(benches)]
   lines += ["", "## Whole pipeline runs", "", *pipeline_lines(results)]
-  lines += ["", "## Accelerator", "", device_line(benches["device"]), ""]
+  lines += ["", "## Accelerator", "", *device_lines(results), ""]
   return "\n".join(lines)
 
 

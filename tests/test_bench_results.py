@@ -49,3 +49,26 @@ def test_memory_row_and_pipeline_runs(results, tmp_path):
   memory["scan_load_over_params"] = 1.3
   assert met_column(results, tmp_path, {"load_memory": memory})["(i) "] == "no"
   assert "- `pipeline_x.json`: `make run` (contended — not judged): wall 9m" in results.render(tmp_path)
+
+
+def test_device_runs_table_every_file_but_the_smoke(results, tmp_path):
+  mfu = {"median_s": 0.5, "achieved_tflops": 333.0, "mfu": 0.336, "batch": 8, "seq": 2048, "remat": "dots",
+         "fraction_of_measured_matmul": 0.62}
+  (tmp_path / "device.json").write_text(json.dumps({
+      "device_kind": "NVIDIA H200", "results": {
+          "mfu": {"qwen2.5-1.5b": mfu, "part_s": 9.0},
+          "stage1": {"model": "gemma3-1b", "batch": 32, "seq": 128, "half_over_full": 0.55},
+          "generate": {"model": "qwen2.5-1.5b", "batch": 16, "new_tokens": 64, "ours": {"tokens_per_s": 6520.0},
+                       "transformers": {"tokens_per_s": 403.0}, "ours_over_transformers": 16.2},
+          "entk": {"model": "gemma3-270m", "method": "structured", "prompts": 32, "top_k": 10, "first_s": 46.5,
+                   "second_s": 5.0, "device_peak_bytes": 2 ** 30}}}))
+  (tmp_path / "device_oom.json").write_text(json.dumps({"device_kind": "NVIDIA H200",
+                                                        "results": {"mfu": {"error": "RESOURCE_EXHAUSTED"}}}))
+  (tmp_path / "device_smoke.json").write_text(json.dumps({"smoke": True, "device_kind": "cpu",
+                                                          "results": {"mfu": {"tiny": mfu}}}))
+  text = "\n".join(results.device_lines(tmp_path))
+  assert "| `device.json` | NVIDIA H200 | qwen2.5-1.5b | dots | 8 x 2048 | 0.5 s | 333 | 33.6% | 0.62 |" in text
+  assert "| `device_oom.json` | NVIDIA H200 | mfu part failed |" in text and "RESOURCE_EXHAUSTED" in text
+  assert "smoke" not in text and "tiny" not in text
+  assert "0.55x the time of l = L" in text and "16.20x" in text and "device peak 1.0 GiB" in text
+  assert results.device_lines(tmp_path / "none")[0].startswith("No accelerator run recorded")
