@@ -2,9 +2,11 @@
 
     /usr/bin/time -v .venv/bin/python -m dcr_jax.main --config=configs/llama.py --workdir=DIR > LOG 2>&1
     .venv/bin/python bench/record_pipeline.py --name smollm2 --workdir DIR --time-log LOG \
-        --command "python -m dcr_jax.main --config=configs/llama.py --workdir=DIR" --load-at-start "0.34 1.10 2.56"
+        --command "python -m dcr_jax.main --config=configs/llama.py --workdir=DIR" --load-at-start "0.34 1.10 2.56" \
+        [--others-busy-file BUSY.json]   # from `bench/others_busy.py PID --out BUSY.json` run beside it
 
-The JSON holds the command, wall/CPU/peak-RSS from the log, whether other processes were busy (--contended, or
+The JSON holds the command, wall/CPU/peak-RSS from the log, whether other processes were busy (--contended, the cores
+they kept busy as bench/others_busy.py measured them (--others-busy-file, contended at >= 0.25), or
 judged from --load-at-start: a 1-minute load average above 1.0 on this 2-core machine counts as contended), and
 the run's report.json (stage seconds, evaluation). bench/results.py lists these files.
 """
@@ -40,15 +42,25 @@ def main(argv=None) -> dict:
   p.add_argument("--command", required=True)
   p.add_argument("--load-at-start", default="", help="the 1/5/15-minute load averages when the run started")
   p.add_argument("--contended", action="store_true", help="other processes were busy during the run")
+  p.add_argument("--others-busy-file", default="",
+                 help="bench/others_busy.py's JSON for the run: contended when others kept >= 0.25 cores busy "
+                      "(measured; preferred over the load average, which lags the previous minute)")
   args = p.parse_args(argv)
   timing = from_time_log(Path(args.time_log).read_text(errors="replace"))
   load = [float(x) for x in args.load_at_start.split()] if args.load_at_start else []
-  contended = args.contended or (bool(load) and load[0] > 1.0)
+  others = json.loads(Path(args.others_busy_file).read_text()) if args.others_busy_file else None
+  if others is not None:
+    contended = args.contended or others["others_busy"] >= 0.25
+  else:
+    contended = args.contended or (bool(load) and load[0] > 1.0)
   minutes, seconds = divmod(round(timing["wall_s"]), 60)
-  note = (f"{'contended' if contended else 'idle machine'} (load average at start {args.load_at_start or 'n/a'}); "
+  busy = (f"other processes kept {others['others_busy']:.2f} cores busy" if others is not None else
+          f"load average at start {args.load_at_start or 'n/a'}")
+  note = (f"{'contended' if contended else 'idle machine'} ({busy}); "
           f"wall {minutes}m{seconds:02d}s, user CPU {timing['user_cpu_s']:.0f} s, sys {timing['sys_cpu_s']:.0f} s, "
           f"peak RSS {timing['peak_rss_mib']:.0f} MiB")
-  out = {"command": args.command, "contended": contended, "load_average_at_start": load, "note": note, **timing,
+  out = {"command": args.command, "contended": contended, "load_average_at_start": load, "others_busy": others,
+         "note": note, **timing,
          "report": json.loads((Path(args.workdir) / "report.json").read_text())}
   path = Path(__file__).resolve().parent / "results" / f"pipeline_{args.name}.json"
   path.write_text(json.dumps(out, indent=1) + "\n")

@@ -359,7 +359,8 @@ def ratio_rows(benches: dict[str, dict[str, Any]]) -> list[list[str]]:
 
 
 def numerics_lines(benches: dict[str, dict[str, Any]]) -> list[str]:
-  """parity_270m.json (logit gaps, float32 and float64) and decode_verdicts.json (bf16 decode weights' effect)."""
+  """parity_270m.json (logit gaps, float32 and float64) and every decode_verdicts*.json (bf16 decode weights'
+  effect, per evaluated model)."""
   lines = []
   parity = benches["parity_270m"]["data"]
   if parity is not None:
@@ -367,10 +368,15 @@ def numerics_lines(benches: dict[str, dict[str, Any]]) -> list[str]:
     lines += [f"Largest |logit| difference on real gemma-3-270m, {len(get(parity, 'config', 'prompts') or [])} chat "
               f"prompts (largest |logit| {fmt(get(parity, 'largest_abs_logit'), '.1f')}):", "",
               *table(["pair", "max abs diff"], [[k.replace("_", " "), fmt(v, ".2e")] for k, v in gaps.items()]), ""]
-  verdicts = benches["decode_verdicts"]["data"]
-  if verdicts is not None:
+  for name in sorted(benches["decode_verdicts"]["path"].parent.glob("decode_verdicts*.json")):
+    try:
+      verdicts = json.loads(name.read_text())
+    except (OSError, ValueError):
+      continue
     suites = get(verdicts, "suites") or {}
-    lines += ["bfloat16 decode weights against float32 on the built-in suites (same prompts, greedy):", "",
+    model = get(verdicts, "model_id") or get(verdicts, "config", "model") or NA
+    lines += [f"bfloat16 decode weights against float32 on the built-in suites (`{name.name}`, model {model}; same "
+              "prompts, greedy):", "",
               *table(["suite", "rows", "identical generations", "identical verdicts", "refusal rate f32", "bf16"],
                      [[k, txt(get(v, "rows")), txt(get(v, "identical_generations")),
                        txt(get(v, "identical_verdicts")), fmt(get(v, "refusal_rate_float32"), ".3f"),

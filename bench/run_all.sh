@@ -4,18 +4,21 @@
 #
 #   bench/run_all.sh [--only NAME[,NAME...]] [--skip-kernels-270m]
 #
-# Names: forward, train_step, generate, kernels, kernels_270m (~40 min), load_memory, capability_parity (~50 min;
-# needs `pip install lm-eval`). Whole-pipeline runs (pipeline_*.json) are recorded by hand, not rerun here.
+# Names: forward, train_step, generate, decode_verdicts, kernels, kernels_270m, load_memory, parity_270m,
+# forward_smollm2, generate_smollm2 (a NAME_smollm2 row is bench/NAME.py --model smollm2-135m), capability_parity
+# (~50 min; needs `pip install lm-eval`). Whole-pipeline runs (pipeline_*.json, bench/record_pipeline.py) and the
+# accelerator run (bench/device.sh) are recorded separately, not rerun here.
 # Python is .venv/bin/python unless $PYTHON is set. A failing bench does not stop the others; the script exits
 # non-zero at the end and lists the failures. results.md is rendered from whatever JSON files exist.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-.venv/bin/python}"
-ALL=(forward train_step generate kernels kernels_270m load_memory capability_parity)
+ALL=(forward train_step generate decode_verdicts kernels kernels_270m load_memory parity_270m forward_smollm2
+     generate_smollm2 capability_parity)
 
 usage() {
-  sed -n '2,10s/^# \{0,1\}//p' "$0"
+  sed -n '2,12s/^# \{0,1\}//p' "$0"
 }
 
 only=""
@@ -69,10 +72,14 @@ for name in "${selected[@]}"; do
     continue
   fi
   now=$(date '+%H:%M:%S')
-  echo "=== ${name}: bench/${name}.py (started ${now})"
+  cmd=("bench/${name}.py")
+  if [[ "${name}" == *_smollm2 ]]; then
+    cmd=("bench/${name%_smollm2}.py" --model smollm2-135m --out "bench/results/${name}.json")
+  fi
+  echo "=== ${name}: ${cmd[*]} (started ${now})"
   start=${SECONDS}
   status=0
-  "${PY}" "bench/${name}.py" || status=$?
+  "${PY}" "${cmd[@]}" || status=$?
   elapsed=$((SECONDS - start))
   if [[ "${status}" -eq 0 ]]; then
     echo "=== ${name}: done in ${elapsed} s"

@@ -25,3 +25,15 @@ def final_stage_params(workdir, stage: str = "align") -> dict:
   restored = read_checkpoint(path / str(step) / "default")
   tree = {"params": restored["params"], "frozen": restored["frozen"]}
   return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def load_script(relative_path: str):
+  """A script of the repository that is not part of the package (bench/*.py, docs/*.py), imported as a module."""
+  import importlib.util
+  from pathlib import Path
+
+  path = Path(__file__).resolve().parents[1] / relative_path
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -1,20 +1,18 @@
 """bench/results.py: a timing taken beside other processes is reported as contended and its goal is not judged."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def results():
-  spec = importlib.util.spec_from_file_location("bench_results", ROOT / "bench" / "results.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script("bench/results.py")
 
 
 def forward(busy: float) -> dict:

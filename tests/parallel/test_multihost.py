@@ -1,4 +1,5 @@
-"""Two local processes x 4 fake CPU devices (gloo collectives on loopback) equal one 8-device process."""
+"""Two local processes x 4 fake CPU devices (gloo collectives on loopback), killed and resumed, equal one 8-device
+process."""
 
 import json
 import os
@@ -17,8 +18,9 @@ import pytest
 from helpers import final_stage_params
 
 ROOT = Path(__file__).resolve().parents[2]
+ALIGN_STEPS = 8  # checkpoints every 2: the kill lands well before the end
 ARGS = ["--config=configs/tiny.py", "--config.stages=refine,align", "--config.refine.steps=4",
-        "--config.align.steps=4", "--config.checkpoint.every=2", "--config.refine.probe=False",
+        f"--config.align.steps={ALIGN_STEPS}", "--config.checkpoint.every=2", "--config.refine.probe=False",
         "--config.refine.log_every=1", "--config.align.log_every=1"]
 
 
@@ -53,23 +55,10 @@ def compile_cache(tmp_path_factory):
 
 
 def losses(workdir):
+  """(stage, step, loss) per logged step; where a resumed run logged a step again, its last row."""
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  return [(r["stage"], r["step"], r["loss"]) for r in rows]
-
-
-def test_two_processes_equal_one_eight_device_process(tmp_path, compile_cache):
-  single = launch(tmp_path / "single", 1, 8)
-  assert single[0].wait(timeout=600) == 0, single[0].stderr.read()[-3000:]
-  procs = launch(tmp_path / "multi", 2, 4, env=compile_cache)
-  for p in procs:
-    assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
-  ours, theirs = losses(tmp_path / "multi"), losses(tmp_path / "single")
-  assert [r[:2] for r in ours] == [r[:2] for r in theirs]
-  np.testing.assert_allclose([r[2] for r in ours], [r[2] for r in theirs], rtol=1e-5)
-  a, b = final_stage_params(tmp_path / "multi"), final_stage_params(tmp_path / "single")
-  assert a.keys() == b.keys()
-  for key in a:
-    np.testing.assert_allclose(a[key], b[key], atol=1e-4, rtol=1e-4, err_msg=key)  # Adam: ~0 grads' noise
+  last = {(r["stage"], r["step"]): r["loss"] for r in rows}
+  return [(stage, step, loss) for (stage, step), loss in last.items()]
 
 
 def committed_align_steps(workdir):
@@ -83,12 +72,9 @@ DIED = ("Terminating process because the JAX distributed service detected fatal 
 UNHEALTHY = "UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats):\n1\n"
 
 
-@pytest.mark.slow  # over the default run's 15-minute budget; make test-all runs it
-def test_killing_one_process_fails_both_and_rerun_resumes(tmp_path, compile_cache):
-  """Stage 2 alone on 2 x 4 devices; process 1 is killed after its first checkpoint. Both launches reuse the
-  compilation of the equality test's 2 x 4 stage 2 (the same program; the step count is not part of it)."""
-  workdir, extra = tmp_path / "multi", ["--config.stages=align", "--config.align.steps=8"]
-  procs = launch(workdir, 2, 4, extra=extra, env=compile_cache)
+def kill_process_1_after_first_align_checkpoint(workdir, procs) -> int:
+  """SIGKILLs process 1 once an align checkpoint is committed; checks both end and what the user reads; returns the
+  latest saved step."""
   deadline = time.time() + 300
   while time.time() < deadline and not committed_align_steps(workdir) and procs[1].poll() is None:
     time.sleep(0.05)
@@ -98,9 +84,27 @@ def test_killing_one_process_fails_both_and_rerun_resumes(tmp_path, compile_cach
   message = procs[0].stderr.read()
   assert DIED in message and UNHEALTHY in message, message[-3000:]
   saved = ocp.CheckpointManager((workdir / "checkpoints" / "align").resolve()).latest_step()
-  assert saved is not None and 2 <= saved < 8
-  procs = launch(workdir, 2, 4, extra=extra, env=compile_cache)
+  assert saved is not None and 2 <= saved < ALIGN_STEPS
+  return saved
+
+
+def test_two_processes_killed_and_resumed_equal_one_eight_device_process(tmp_path, compile_cache):
+  """1 x 8 devices straight through, against 2 x 4 whose process 1 is SIGKILLed in stage 2 (both processes end, with
+  the message a user sees) and which is then relaunched: it resumes from the checkpoint and every logged loss and
+  the final parameters equal the uninterrupted run's. The relaunch compiles nothing (persistent cache)."""
+  single = launch(tmp_path / "single", 1, 8)
+  assert single[0].wait(timeout=600) == 0, single[0].stderr.read()[-3000:]
+  workdir = tmp_path / "multi"
+  saved = kill_process_1_after_first_align_checkpoint(workdir, launch(workdir, 2, 4, env=compile_cache))
+  procs = launch(workdir, 2, 4, env=compile_cache)
   for p in procs:
     assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
   report = json.loads((workdir / "report.json").read_text())
-  assert report["stages"]["align"]["resumed_from"] == saved and report["stages"]["align"]["steps"] == 8
+  assert report["stages"]["align"]["resumed_from"] == saved and report["stages"]["align"]["steps"] == ALIGN_STEPS
+  ours, theirs = losses(workdir), losses(tmp_path / "single")
+  assert [r[:2] for r in ours] == [r[:2] for r in theirs]
+  np.testing.assert_allclose([r[2] for r in ours], [r[2] for r in theirs], rtol=1e-5)
+  a, b = final_stage_params(workdir), final_stage_params(tmp_path / "single")
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_allclose(a[key], b[key], atol=1e-4, rtol=1e-4, err_msg=key)  # Adam: ~0 grads' noise
