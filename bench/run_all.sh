@@ -4,7 +4,8 @@
 #
 #   bench/run_all.sh [--only NAME[,NAME...]] [--skip-kernels-270m]
 #
-# Names: forward, train_step, generate, kernels, kernels_270m (~40 min), load_memory, capability_parity (~50 min;
+# Names: forward, train_step, generate, kernels, kernels_nt (needs the neural-tangents venv, $NT_PYTHON or
+# /work/nt-venv/bin/python), kernels_270m (~40 min), load_memory, capability_parity (~50 min;
 # needs `pip install lm-eval`). Whole-pipeline runs (pipeline_*.json) are recorded by hand, not rerun here.
 # Python is .venv/bin/python unless $PYTHON is set. A failing bench does not stop the others; the script exits
 # non-zero at the end and lists the failures. results.md is rendered from whatever JSON files exist.
@@ -12,10 +13,10 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-.venv/bin/python}"
-ALL=(forward train_step generate kernels kernels_270m load_memory capability_parity)
+ALL=(forward train_step generate kernels kernels_nt kernels_270m load_memory capability_parity)
 
 usage() {
-  sed -n '2,10s/^# \{0,1\}//p' "$0"
+  sed -n '2,11s/^# \{0,1\}//p' "$0"
 }
 
 only=""
