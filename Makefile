@@ -21,7 +21,7 @@ $(VENV)/.test: $(VENV)/.embedded
 	$(PY) -m pip install -q $(FIND_LINKS) -e '.[test]'
 	touch $@
 
-.PHONY: run test test-all bench
+.PHONY: run test test-all bench nt-venv
 run: $(VENV)/.embedded
 	$(PY) -m dcr_jax.main --config=configs/gemma.py --workdir=runs/default
 
@@ -33,3 +33,10 @@ test-all: $(VENV)/.test
 
 bench: $(VENV)/.test
 	$(PY) bench/forward.py
+
+# The neural-tangents peer of bench/kernels_nt.py needs its own interpreter (jax 0.4.23, numpy < 2, scipy < 1.13).
+.nt-venv/bin/python:
+	$(PYTHON) -m venv .nt-venv
+	.nt-venv/bin/pip install -q 'jax[cpu]==0.4.23' 'jaxlib==0.4.23' 'numpy<2' 'scipy<1.13' neural-tangents
+
+nt-venv: .nt-venv/bin/python

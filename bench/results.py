@@ -2,7 +2,8 @@
 
 Reads forward.json, train_step.json, generate.json, kernels.json, kernels_270m.json, load_memory.json and
 capability_parity.json (each optional; a missing one is listed as "not run") plus forward_smollm2.json,
-generate_smollm2.json, parity_270m.json, decode_verdicts.json, device.json and pipeline_*.json if present. Every value is looked up defensively: a missing key or a partial file shows as "n/a"
+generate_smollm2.json, kernels_nt.json, parity_270m.json, decode_verdicts.json, device.json and pipeline_*.json if
+present. Every value is looked up defensively: a missing key or a partial file shows as "n/a"
 rather than stopping the render. A timing taken while other processes held >= 0.25 cores (or a file marked
 "contended") is reported as such and its goal is not judged. Only reads JSON; runs no benchmark.
 
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 BENCHES = ("forward", "train_step", "generate", "kernels", "kernels_270m", "load_memory", "capability_parity")
-EXTRA = ("forward_smollm2", "generate_smollm2", "parity_270m", "decode_verdicts")
+EXTRA = ("forward_smollm2", "generate_smollm2", "kernels_nt", "parity_270m", "decode_verdicts")
 VERSIONS = ("jax", "jaxlib", "flax", "torch", "transformers")
 NA = "n/a"
 HERE = Path(__file__).resolve().parent
@@ -303,6 +304,8 @@ def ratio_rows(benches: dict[str, dict[str, Any]]) -> list[list[str]]:
                    f"wall, worst at {worst[1]}, best at {best[1]}"
                    + contention([get(c, "others_busy") for c in cases])])
 
+  rows.append(nt_row(benches))
+
   label = "(h) real gemma-3-270m eNTK"
   if k270 is None:
     rows.append(missing(label, "kernels_270m", "none (no peer)"))
@@ -356,6 +359,52 @@ def ratio_rows(benches: dict[str, dict[str, Any]]) -> list[list[str]]:
                  fmt_x(r), f">= {goal:.1f}x", met(at_least(r, goal), busy(cases)), fmt_mib(peak_rss(data)),
                  "same GGUF on both sides" + contention(cases)])
   return rows
+
+
+def nt_row(benches: dict[str, dict[str, Any]]) -> list[str]:
+  """The "(g) structured vs neural-tangents" row: worst and best of the peer's fastest agreeing implementation's
+  time over ours, per case of kernels_nt.json (smoke runs are not judged)."""
+  label = "(g) eNTK structured vs neural-tangents empirical_ntk_fn (its best implementation)"
+  data = benches["kernels_nt"]["data"]
+  if data is None:
+    return [label, NA, NA, NA, ">= 1.0x", NA, NA, f"kernels_nt.json {benches['kernels_nt']['error'] or 'not run'}"]
+  cases = get(data, "cases") if isinstance(get(data, "cases"), list) else []
+  pts = [(num(get(c, "nt_best_over_ours")), f"{get(c, 'size')} N={get(c, 'n')} |S|={get(c, 's')}")
+         for c in cases if num(get(c, "nt_best_over_ours")) is not None]
+  if not pts:
+    return [label, "per case below", "per case below", NA, ">= 1.0x", NA, fmt_mib(peak_rss(data)),
+            "no case where a neural-tangents kernel agreed"]
+  worst, best = min(pts), max(pts)
+  others = [get(c, "others_busy") for c in cases]
+  ok = at_least(worst[0], 1.0) if get(data, "summary", "all_agree") else False
+  return [label, "per case below", "per case below", f"{fmt_x(worst[0])} - {fmt_x(best[0])}", ">= 1.0x",
+          "n/a (smoke)" if get(data, "smoke") else met(ok, busy(others)), fmt_mib(peak_rss(data)),
+          f"wall, worst at {worst[1]}, best at {best[1]}; {txt(get(data, 'args', 'dtype'))}, max rel err "
+          f"{fmt(get(data, 'summary', 'max_rel_err'), '.1e')}; neural-tangents "
+          f"{txt(get(data, 'nt', 'versions', 'neural_tangents'))} on jax "
+          f"{txt(get(data, 'nt', 'versions', 'jax'))} in its own process" + contention(others)]
+
+
+def nt_cases(data: Any) -> list[str]:
+  """The per-case table of kernels_nt.json: our structured time, each neural-tangents implementation's, the ratio
+  of the best one and the agreement."""
+  cases = get(data, "cases")
+  if not isinstance(cases, list) or not cases:
+    return ["No neural-tangents cases recorded."]
+  impls = get(data, "args", "implementations") or []
+  rows = []
+  for c in cases:
+    error = lambda i: str(get(c, "nt", i, "error"))
+    nt = [fmt(get(c, "nt", i, "wall_s"), ".3g") if get(c, "nt", i, "error") is None
+          else "does not fit" if error(i).startswith("does not fit") else "failed" for i in impls]
+    errs = get(c, "max_rel_err") if isinstance(get(c, "max_rel_err"), dict) else {}
+    rows.append([txt(get(c, "size")), txt(get(c, "n")), txt(get(c, "s")), fmt(get(c, "ours", "wall_s"), ".3g"), *nt,
+                 txt(get(c, "nt_best")), fmt_x(get(c, "nt_best_over_ours")),
+                 fmt(max((num(v) or 0.0 for v in errs.values()), default=None), ".1e"),
+                 fmt(get(c, "others_busy"), ".2f")])
+  header = ["size", "N", "|S|", "wall s structured", *(f"wall s nt {i.lower()}" for i in impls), "nt best",
+            "nt best / structured", "max rel err", "others busy"]
+  return table(header, rows)
 
 
 def numerics_lines(benches: dict[str, dict[str, Any]]) -> list[str]:
@@ -492,6 +541,10 @@ def render(results: Path) -> str:
     lines.append(f"kernels.json {kern['error'] or 'not run'}.")
   else:
     lines += kernel_cases(kern["data"])
+  nt = benches["kernels_nt"]["data"]
+  if nt is not None:
+    lines += ["", f"### eNTK against neural-tangents (same tiny Gemma 3 re-implemented in jax.numpy, all params, "
+              f"{txt(get(nt, 'args', 'dtype'))})", "", *nt_cases(nt)]
   lines += ["", "## Numerics", "", *numerics_lines(benches)]
   lines += ["", "## Whole pipeline runs", "", *pipeline_lines(results)]
   lines += ["", "## Accelerator", "", *device_lines(results), ""]

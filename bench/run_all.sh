@@ -4,21 +4,22 @@
 #
 #   bench/run_all.sh [--only NAME[,NAME...]] [--skip-kernels-270m]
 #
-# Names: forward, train_step, generate, decode_verdicts, kernels, kernels_270m, load_memory, parity_270m,
-# forward_smollm2, generate_smollm2 (a NAME_smollm2 row is bench/NAME.py --model smollm2-135m), capability_parity
-# (~50 min; needs `pip install lm-eval`). Whole-pipeline runs (pipeline_*.json, bench/record_pipeline.py) and the
-# accelerator run (bench/device.sh) are recorded separately, not rerun here.
+# Names: forward, train_step, generate, decode_verdicts, kernels, kernels_nt (needs the neural-tangents venv,
+# $NT_PYTHON or .nt-venv/bin/python; bench/README.md), kernels_270m, load_memory, parity_270m, forward_smollm2,
+# generate_smollm2 (a NAME_smollm2 row is bench/NAME.py --model smollm2-135m), capability_parity (~50 min; needs
+# `pip install lm-eval`). Whole-pipeline runs (pipeline_*.json, bench/record_pipeline.py) and the accelerator run
+# (bench/device.sh) are recorded separately, not rerun here.
 # Python is .venv/bin/python unless $PYTHON is set. A failing bench does not stop the others; the script exits
 # non-zero at the end and lists the failures. results.md is rendered from whatever JSON files exist.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-.venv/bin/python}"
-ALL=(forward train_step generate decode_verdicts kernels kernels_270m load_memory parity_270m forward_smollm2
-     generate_smollm2 capability_parity)
+ALL=(forward train_step generate decode_verdicts kernels kernels_nt kernels_270m load_memory parity_270m
+     forward_smollm2 generate_smollm2 capability_parity)
 
 usage() {
-  sed -n '2,12s/^# \{0,1\}//p' "$0"
+  sed -n '2,13s/^# \{0,1\}//p' "$0"
 }
 
 only=""

@@ -70,3 +70,23 @@ def test_device_runs_table_every_file_but_the_smoke(results, tmp_path):
   assert "smoke" not in text and "tiny" not in text
   assert "0.55x the time of l = L" in text and "16.20x" in text and "device peak 1.0 GiB" in text
   assert results.device_lines(tmp_path / "none")[0].startswith("No accelerator run recorded")
+
+
+def test_neural_tangents_row_and_cases(results, tmp_path):
+  """kernels_nt.json: the worst of the peer's best time over ours is judged against 1x; absent, "not run"."""
+  assert met_column(results, tmp_path, {})["(g) "] == "n/a"  # the nt row closes the (g) rows
+  case = lambda n, ratio, busy: {
+      "size": "xs", "n": n, "s": 5, "ours": {"wall_s": 0.1}, "nt_best": "NTK_VECTOR_PRODUCTS",
+      "nt_best_over_ours": ratio, "others_busy": busy, "max_rel_err": {"NTK_VECTOR_PRODUCTS": 2e-7},
+      "nt": {"NTK_VECTOR_PRODUCTS": {"wall_s": 0.1 * ratio}, "STRUCTURED_DERIVATIVES": {"error": "boom"}}}
+  data = {"args": {"dtype": "float32", "implementations": ["NTK_VECTOR_PRODUCTS", "STRUCTURED_DERIVATIVES"]},
+          "summary": {"all_agree": True, "max_rel_err": 2e-7}, "nt": {"versions": {"neural_tangents": "0.6.5"}},
+          "cases": [case(8, 1.5, 0.0), case(16, 3.0, 0.1)]}
+  assert met_column(results, tmp_path, {"kernels_nt": data})["(g) "] == "yes"
+  text = results.render(tmp_path)
+  assert "1.50x - 3.00x" in text and "worst at xs N=8 \\|S\\|=5" in text
+  assert "| xs | 16 | 5 | 0.1 | 0.3 | failed | NTK_VECTOR_PRODUCTS | 3.00x | 2.0e-07 | 0.10 |" in text
+  data["cases"][0]["nt_best_over_ours"] = 0.8
+  assert met_column(results, tmp_path, {"kernels_nt": data})["(g) "] == "no"
+  data["cases"][0]["others_busy"] = 1.0
+  assert met_column(results, tmp_path, {"kernels_nt": data})["(g) "] == "contended — not judged"
