@@ -393,8 +393,8 @@ def _steer(c: ml_collections.ConfigDict, stages: tuple[Stage, ...], num_layers: 
   if Stage.STEER in stages:
     training = [s.value for s in stages if s in TRAINING_STAGES]
     if training:
-      _fail("stages", c.stages, f"mixes steer with training ({', '.join(training)}); steering baselines run on "
-            "the base model: use a workdir of their own")
+      _fail("stages", c.stages, f"mixes steer with training ({', '.join(training)}); steering is training-free: run "
+            "steer,evaluate on a finished run's workdir (its trained model) or on a fresh one (the base model)")
     if _items(c.evaluate.capability, "evaluate.capability"):
       _fail("evaluate.capability", c.evaluate.capability, "is not scored under steering; evaluate capability in "
             "a run without the steer stage")

@@ -1,13 +1,10 @@
 """bench/results.py: a timing taken beside other processes is reported as contended and its goal is not judged."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from helpers import load_script
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
