@@ -21,7 +21,7 @@ agreement, and `others busy` (cores other processes kept busy meanwhile, CpuMoni
 in its own process, ours first, then the peer per model size, so their timings are not interleaved: run it on an
 idle machine.
 
-The peer's venv (outside the repository; the project's own venv has a JAX neural-tangents does not support):
+The peer's venv (`.nt-venv`, ignored by git; the project's own venv has a JAX neural-tangents does not support):
 
     make nt-venv   # .nt-venv: jax 0.4.23, numpy < 2, scipy < 1.13, neural-tangents
 

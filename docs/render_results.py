@@ -75,20 +75,27 @@ def chosen(report: dict) -> str:
 
 def render(results: Path) -> str:
   """The Markdown of docs/results/comparison.md."""
+  reports = [(label, directory, json.loads((directory / "report.json").read_text())) for label, directory in
+             runs(results)]
+  tasks = sorted({t for _, _, r in reports for t in r.get("eval_summary", {}).get("capability", {})})
   lines = ["# DCR, STL and the steering baselines on gemma-3-270m", "",
            f"Rendered by `docs/render_results.py` from the files under `docs/results/`. Held-out suites of the default "
            f"run (rows never trained on). Over-refusal compliance (higher is better) and Safety (refusal rate on "
            f"harmful prompts, higher is better); 95% intervals from {BOOTSTRAP} bootstrap resamples over prompts (one "
-           f"seed). Steering is selected on the run's validation split and applied to the STL model.", "",
-           "| run | model | prompts | over-refusal compliance | Safety | chosen steering |",
-           "|---|---|---|---|---|---|"]
-  for label, directory in runs(results):
-    report = json.loads((directory / "report.json").read_text())
+           f"seed). Steering is selected on the run's validation split and applied to the STL model."
+           + (" Capability columns: each task's headline metric (lm-evaluation-harness conventions) on the run's "
+              "seeded subsample; empty where the run was not scored." if tasks else ""), "",
+           "| run | model | prompts | over-refusal compliance | Safety | " + "".join(f"{t} | " for t in tasks)
+           + "chosen steering |",
+           "|---|---|---|---|---|" + "---|" * len(tasks) + "---|"]
+  for label, directory, report in reports:
     rows = suite_rows(directory, report)
+    capability = report.get("eval_summary", {}).get("capability", {})
+    scores = "".join(f"{capability[t]:.3f} | " if t in capability else " | " for t in tasks)
     model = report.get("eval_summary", {}).get("model", "n/a")
     prompts = ", ".join(f"{suite} {len(outcome)}" for suite, (_, outcome) in rows.items())
     lines.append(f"| {label} | `{model}` | {prompts} | {cell(interval(rows, 'over_refusal'))} | "
-                 f"{cell(interval(rows, 'harmful'))} | {chosen(report)} |")
+                 f"{cell(interval(rows, 'harmful'))} | {scores}{chosen(report)} |")
   return "\n".join(lines) + "\n"
 
 

@@ -26,7 +26,8 @@ def test_scores_and_intervals_from_rows(render_results, tmp_path):
   run.mkdir()
   suites = {"or": ("over_refusal", [False] * 3 + [True]), "harm": ("harmful", [True, False])}
   (run / "report.json").write_text(json.dumps({"eval": {s: {"kind": k} for s, (k, _) in suites.items()},
-                                               "eval_summary": {"model": "align-2"}}))
+                                               "eval_summary": {"model": "align-2",
+                                                                "capability": {"arc_easy": 0.25}}}))
   for suite, (_, refused) in suites.items():
     (run / f"{suite}.jsonl").write_text("".join(json.dumps({"refused": r}) + "\n" for r in refused))
   rows = render_results.suite_rows(run, json.loads((run / "report.json").read_text()))
@@ -36,3 +37,4 @@ def test_scores_and_intervals_from_rows(render_results, tmp_path):
   assert np.isclose(render_results.interval(rows, "harmful")[0], 0.5)
   text = render_results.render(tmp_path)
   assert "| DCR (default run) | `align-2` | or 4, harm 2 | 0.75 [" in text
+  assert "| Safety | arc_easy | chosen steering |" in text and "| 0.250 | " in text
