@@ -261,3 +261,8 @@ def banner(info: dict, torch_threads: int) -> str:
   v = info["versions"]
   return (f"# {info['cpu']} x{info['cpu_count']} | jax {v['jax']} | torch {v['torch']} ({torch_threads} threads) | "
           f"transformers {v['transformers']} | load {info['load_average_at_start']}")
+
+
+def ints(text: str) -> list[int]:
+  """"4,8,16" -> [4, 8, 16] (a comma-separated command-line list)."""
+  return [int(x) for x in text.split(",") if x.strip()]

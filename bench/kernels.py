@@ -50,7 +50,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.tree_util import Partial  # noqa: E402
 
-from common import CpuMonitor, format_table, load_average, machine_info, peak_rss_mib, write_json  # noqa: E402
+from common import CpuMonitor, format_table, ints, load_average, machine_info, peak_rss_mib, write_json  # noqa: E402
 from dcr_jax.kernels import ntk, structured  # noqa: E402
 from dcr_jax.model import Decoder, default_positions, tiny  # noqa: E402
 from dcr_jax.weights import export_hf  # noqa: E402
@@ -305,10 +305,6 @@ def table(cases: list[dict]) -> str:
         + [("" if all(c["allclose"].values()) else "FAIL ") + "/".join(f"{v:.1e}" for v in c["max_rel_err"].values()),
            "?" if c["others_busy"] is None else f"{c['others_busy']:.1f}"])
   return format_table(headers, rows)
-
-
-def ints(text: str) -> list[int]:
-  return [int(x) for x in text.split(",") if x.strip()]
 
 
 def main(argv=None) -> dict:

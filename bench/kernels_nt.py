@@ -48,7 +48,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from common import CpuMonitor, format_table, load_average, machine_info, peak_rss_mib, time_fn, write_json  # noqa: E402
+from common import CpuMonitor, format_table, ints, load_average, machine_info, peak_rss_mib, time_fn, write_json  # noqa: E402
 from dcr_jax.kernels import ntk  # noqa: E402
 from dcr_jax.model import Decoder, tiny  # noqa: E402
 from dcr_jax.model.config import pattern_layer_types  # noqa: E402
@@ -182,10 +182,6 @@ def table(cases: list[dict], impls: list[str]) -> str:
                  f"{c['nt_best_over_ours']:.2f}" if "nt_best_over_ours" in c else "-", errs or "-",
                  "?" if c["others_busy"] is None else f"{c['others_busy']:.2f}"])
   return format_table(headers, rows)
-
-
-def ints(text: str) -> list[int]:
-  return [int(x) for x in text.split(",") if x.strip()]
 
 
 def main(argv=None) -> dict:
