@@ -69,7 +69,8 @@ def make_forward(cfg: dict, one_hot: bool = False):
   eps, offset = cfg["norm_eps"], cfg["norm_scale_offset"]
   scale = float(cfg["query_pre_attn_scalar"] or h) ** -0.5
   if cfg["rope_type"] != "linear" and cfg["rope_scale_global"] != 1.0:
-    raise NotImplementedError("nt_peer: only linear RoPE scaling is re-implemented")
+    raise SystemExit(f"nt_peer: rope_type={cfg['rope_type']!r} with scaling {cfg['rope_scale_global']} is not "
+                     "re-implemented here; give a config with linear RoPE (every --sizes entry of kernels_nt.py is)")
   local_freq = inverse_frequencies(h, cfg["rope_theta_local"], 1.0)
   global_freq = inverse_frequencies(h, cfg["rope_theta_global"], cfg["rope_scale_global"])
   norm = lambda x, w: rms_norm(x, w, eps, offset)

@@ -407,7 +407,7 @@ def nt_cases(data: Any) -> list[str]:
   return table(header, rows)
 
 
-def numerics_lines(benches: dict[str, dict[str, Any]]) -> list[str]:
+def numerics_lines(benches: dict[str, dict[str, Any]], results: Path) -> list[str]:
   """parity_270m.json (logit gaps, float32 and float64) and every decode_verdicts*.json (bf16 decode weights'
   effect, per evaluated model)."""
   lines = []
@@ -417,7 +417,7 @@ def numerics_lines(benches: dict[str, dict[str, Any]]) -> list[str]:
     lines += [f"Largest |logit| difference on real gemma-3-270m, {len(get(parity, 'config', 'prompts') or [])} chat "
               f"prompts (largest |logit| {fmt(get(parity, 'largest_abs_logit'), '.1f')}):", "",
               *table(["pair", "max abs diff"], [[k.replace("_", " "), fmt(v, ".2e")] for k, v in gaps.items()]), ""]
-  for name in sorted(benches["decode_verdicts"]["path"].parent.glob("decode_verdicts*.json")):
+  for name in sorted(results.glob("decode_verdicts*.json")):
     try:
       verdicts = json.loads(name.read_text())
     except (OSError, ValueError):
@@ -545,7 +545,7 @@ def render(results: Path) -> str:
   if nt is not None:
     lines += ["", f"### eNTK against neural-tangents (same tiny Gemma 3 re-implemented in jax.numpy, all params, "
               f"{txt(get(nt, 'args', 'dtype'))})", "", *nt_cases(nt)]
-  lines += ["", "## Numerics", "", *numerics_lines(benches)]
+  lines += ["", "## Numerics", "", *numerics_lines(benches, results)]
   lines += ["", "## Whole pipeline runs", "", *pipeline_lines(results)]
   lines += ["", "## Accelerator", "", *device_lines(results), ""]
   return "\n".join(lines)
