@@ -25,11 +25,14 @@ $(VENV)/.test: $(VENV)/.embedded
 run: $(VENV)/.embedded
 	$(PY) -m dcr_jax.main --config=configs/gemma.py --workdir=runs/default
 
+# Two test processes (pytest-xdist), one per core of the 2-core machine the budget is set on; a module's tests stay
+# together so its fixtures are built once.
+TEST_WORKERS ?= 2
 test: $(VENV)/.test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope tests
 
 test-all: $(VENV)/.test
-	$(PY) -m pytest -q tests --runslow
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope tests --runslow
 
 bench: $(VENV)/.test
 	$(PY) bench/forward.py

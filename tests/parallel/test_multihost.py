@@ -2,7 +2,6 @@
 process."""
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -10,12 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from helpers import final_stage_params
+from helpers import final_stage_params, xla_env
 
 ROOT = Path(__file__).resolve().parents[2]
 ALIGN_STEPS = 8  # checkpoints every 2: the kill lands well before the end
@@ -32,8 +30,7 @@ def free_port() -> int:
 
 def launch(workdir, processes, devices_per_process, extra=(), env=None):
   port = free_port()
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
-         "JAX_PLATFORMS": "cpu", **(env or {})}
+  env = xla_env(devices_per_process, JAX_PLATFORMS="cpu", **(env or {}))
   procs = []
   for pid in range(processes):
     dist = [] if processes == 1 else [f"--config.distributed.coordinator_address=127.0.0.1:{port}",

@@ -1,7 +1,6 @@
 """Crash safety: SIGKILL mid-stage then re-run gives bitwise-identical final params; torn saves; NaN guard."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
