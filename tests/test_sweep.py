@@ -4,7 +4,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -65,9 +64,7 @@ def test_a_sweep_runs_every_point_ranks_by_validation_and_resumes(tmp_path, monk
 
   real_run = pipeline_main.run
   monkeypatch.setattr(pipeline_main, "run", lambda *a, **k: pytest.fail("a finished point ran again"))
-  started = time.time()
   again = sweep.run_sweep(config, tmp_path, grid, [0], show_progress=False)
-  assert time.time() - started < 5
   assert again["this_invocation"]["skipped"] == 2 and again["points"] == result["points"]
   assert (tmp_path / "sweep.md").read_text() == table
 
