@@ -33,7 +33,6 @@ def cheap_config():
   return config
 
 
-@pytest.mark.slow  # over the default run's 15-minute budget; make test-all runs it
 def test_a_sweep_runs_every_point_ranks_by_validation_and_resumes(tmp_path, monkeypatch):
   config = cheap_config()
   grid = sweep.parse_grid(["refine.lr=1e-3,1e-2", "refine.patience=1"], config)
