@@ -116,3 +116,24 @@ def test_the_command_line_rejects_an_unknown_grid_key_in_one_line(tmp_path):
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and "refine.bogus" in lines[0], result.stderr
   assert not workdir.exists()
+
+
+def test_rank_agreement_is_spearman_between_validation_and_the_evaluation_analogue():
+  from scipy.stats import spearmanr
+
+  def row(name, objective, compliance, safety):
+    return {"name": name, "objective": objective, "over_refusal_compliance": compliance, "safety": safety}
+
+  rows = [row("a", 0.30, 0.9, 0.5), row("b", 0.10, 0.6, 0.5), row("c", 0.20, 0.95, 0.2), row("d", 0.20, 0.7, 0.7),
+          row("e", None, 0.8, 0.8), row("f", 0.50, None, None)]  # e diverged, f not evaluated: both left out
+  agreement = sweep.rank_agreement(rows, "margin")
+  margins = [0.9 + 0.5 - 1, 0.6 + 0.5 - 1, 0.95 + 0.2 - 1, 0.7 + 0.7 - 1]  # Safety + compliance - 1
+  assert agreement["points"] == 4 and list(agreement["evaluation"].values()) == pytest.approx(margins)
+  assert agreement["spearman_rho"] == pytest.approx(spearmanr([0.30, 0.10, 0.20, 0.20], margins).statistic)
+  assert sweep.rank_agreement(rows, "safety")["spearman_rho"] == pytest.approx(
+      spearmanr([0.30, 0.10, 0.20, 0.20], [0.5, 0.5, 0.2, 0.7]).statistic)
+  assert sweep.rank_agreement(rows[:2], "margin")["spearman_rho"] is None  # fewer than 3 points
+  table = sweep.sweep_markdown(Path("sweep"), "margin", [("refine.steps", [1])], [
+      {**r, "setting": r["name"], "seed": 0, "status": "done", "validation": {}, "refine_cosine": {},
+       "refine_stopped_at": None} for r in rows])
+  assert f"Spearman's ρ = {agreement['spearman_rho']:.2f} over 4 evaluated points" in table
