@@ -21,6 +21,14 @@ TPU_SIZES = {
 }
 
 
+# The embedded default run's settings, chosen on its validation split (the built-in sets' rows 1::4) by
+# docs/sweep_default.sh, recorded in docs/results/sweep-default/: stage 2's safety share from {0.1, 0.3} as STL, then
+# stage 1's steps from {10, 20, 40} as DCR with that stage 2, each by the largest validation margin (refusal
+# probability of toxic minus seemingly toxic prompts). Stage 2 is 20 steps so that DCR and its STL baseline fit in
+# 15 minutes on 2 CPU cores.
+CHOSEN_ON_VALIDATION = {"align.steps": 20, "align.safety_weight": 0.3, "refine.steps": 10}
+
+
 def get_config(variant: str = "gemma3-270m"):
   config = base_config()  # the variant name is checked with the rest of the config, at start
   config.model.name = variant
@@ -28,4 +36,7 @@ def get_config(variant: str = "gemma3-270m"):
     tpu_defaults(config, *TPU_SIZES[variant])
   elif variant == "gemma3-270m":
     cpu_defaults(config)
+    for key, value in CHOSEN_ON_VALIDATION.items():
+      section, name = key.split(".")
+      config[section][name] = value
   return config
