@@ -23,7 +23,8 @@ run() {
   echo "[$(date +%T)] finished in $((SECONDS - start)) s" | tee -a "$OUT/commands.log"
 }
 collect() {  # sweep directory -> docs/results/sweep-default/<name>/
-  local sweep=$1 dest=$RESULTS/$(basename "$1")
+  local sweep=$1 dest
+  dest=$RESULTS/$(basename "$1")
   mkdir -p "$dest"
   cp "$sweep/sweep.json" "$sweep/sweep.md" "$dest/"
   for point in "$sweep"/*/; do
