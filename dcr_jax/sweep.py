@@ -28,6 +28,7 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
+from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from dcr_jax import main as pipeline_main
@@ -204,17 +205,6 @@ def _ranked(rows: list[dict], key: str) -> list[dict]:
   return sorted(rows, key=lambda r: (r[key] is None, -(r[key] or 0.0)))
 
 
-def _ranks(values: list[float]) -> np.ndarray:
-  """1-based ranks, ties sharing their mean rank."""
-  values = np.asarray(values, float)
-  order = np.argsort(values, kind="stable")
-  ranks = np.empty(len(values))
-  ranks[order] = np.arange(1, len(values) + 1)
-  for value in np.unique(values):
-    ranks[values == value] = ranks[values == value].mean()
-  return ranks
-
-
 def rank_agreement(rows: list[dict], objective: str) -> dict:
   """How well the validation objective ranked the points as the evaluation suites do: Spearman's ρ between each
   finished point's objective and the same quantity on the evaluation suites (`Objective.evaluation` of its
@@ -225,7 +215,7 @@ def rank_agreement(rows: list[dict], objective: str) -> dict:
   evaluated = [OBJECTIVES[objective].evaluation(r["over_refusal_compliance"], r["safety"]) for r in both]
   rho = None
   if len(both) >= 3 and len(set(evaluated)) > 1 and len({r["objective"] for r in both}) > 1:
-    rho = float(np.corrcoef(_ranks([r["objective"] for r in both]), _ranks(evaluated))[0, 1])
+    rho = float(spearmanr([r["objective"] for r in both], evaluated).statistic)
   return {"spearman_rho": rho, "points": len(both), "evaluation": {r["name"]: e for r, e in zip(both, evaluated)}}
 
 

@@ -14,15 +14,17 @@ def model():
   return Decoder(tiny("gemma3"), rngs=nnx.Rngs(0))
 
 
+_forward = nnx.jit(lambda m, x: m(x))
+
+
 def greedy_reference(model, prompt, steps, width=16):
   """Greedy decoding by full forwards without a cache, one token at a time. Each forward sees the ids right-padded
   to `width` (one compilation); causal attention keeps the last real position's logits those of the ids alone."""
-  forward = nnx.jit(lambda m, x: m(x))
   ids = list(prompt)
   for _ in range(steps):
     padded = np.zeros((1, width), np.int32)
     padded[0, :len(ids)] = ids
-    ids.append(int(np.asarray(forward(model, padded))[0, len(ids) - 1].argmax()))
+    ids.append(int(np.asarray(_forward(model, padded))[0, len(ids) - 1].argmax()))
   return ids[len(prompt):]
 
 
