@@ -98,7 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.keep = 2
 
   c.evaluate = ml_collections.ConfigDict()
-  c.evaluate.suites = "demo-over-refusal,demo-harmful"  # names from dcr_jax.evaluate.suites (README table)
+  # NAME[:N][@START:STOP[:STEP]] entries: names from dcr_jax.evaluate.suites (README table), N prompts (default
+  # evaluate.n), a slice of the suite's prompts taken first
+  c.evaluate.suites = "demo-over-refusal,demo-harmful"
   c.evaluate.data_root = ""  # folder with the suites' upstream files (e.g. ../shared/data); "" = HF ids
   c.evaluate.n = 32  # prompts per suite (seeded subsample); 0 = all
   c.evaluate.max_new_tokens = 48

@@ -133,7 +133,7 @@ class AlignSpec(OptimSpec):
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateSpec:
-  suites: tuple[tuple[str, int | None], ...]  # (suite name, prompts; None = all)
+  suites: tuple[tuple[str, int | None, slice | None], ...]  # (suite name, prompts (None = all), rows)
   data_root: str | None
   max_new_tokens: int
   batch_size: int
@@ -341,18 +341,30 @@ def _align(c: ml_collections.ConfigDict) -> AlignSpec:
                    safety_weight=ac.safety_weight, aug_weight=ac.aug_weight)
 
 
-def _suites(value, default_n: int, required: bool) -> tuple[tuple[str, int | None], ...]:
-  """`NAME` or `NAME:N` entries -> (name, prompts), N defaulting to evaluate.n; 0 = all (None)."""
+def _suites(value, default_n: int, required: bool) -> tuple[tuple[str, int | None, slice | None], ...]:
+  """`NAME[:N][@START:STOP[:STEP]]` entries -> (name, prompts, rows): N defaults to evaluate.n (0 = all, None); the
+  rows narrow the suite to a slice of its prompts (file order, before the subsample), e.g. to leave out rows that
+  validate."""
   suites = {}
   for entry in _items(value, "evaluate.suites"):
-    name, _, count = entry.partition(":")
-    if count and not count.isdigit():
-      _fail("evaluate.suites", entry, "is not NAME or NAME:N; write N as a number of prompts")
+    head, only, rows = _parse_rows(entry)
+    name, _, count = head.partition(":")
+    if only is not None or (count and not count.isdigit()):
+      _fail("evaluate.suites", entry, "is not NAME[:N][@START:STOP[:STEP]]; write N as a number of prompts")
     get_suite(name)  # an unknown name lists the known ones
-    suites[name] = _count(int(count) if count else default_n)
+    if name in suites:
+      _fail("evaluate.suites", entry, f"names {name} twice; give each suite once")
+    suites[name] = (name, _count(int(count) if count else default_n), rows)
   if required and not suites:
     _fail("evaluate.suites", value, "is empty; name at least one suite (see README)")
-  return tuple(suites.items())
+  return tuple(suites.values())
+
+
+def _parse_rows(entry: str):
+  try:
+    return parse_selectors(entry)
+  except UserError as e:
+    raise UserError(f"config.evaluate.suites: {e}") from None
 
 
 def _evaluate(c: ml_collections.ConfigDict) -> EvaluateSpec:

@@ -1,46 +1,118 @@
 #!/usr/bin/env bash
-# The CPU-scale reproduction of docs/reproduction.md, end to end (about 2 h on 2 CPU cores).
-# Usage: bash docs/reproduce.sh [OUT_DIR]   (default runs/repro; re-running resumes every step)
+# The reproduction study of docs/reproduction.md (configs/study.py), end to end; every step resumes, so it can be
+# run in several sittings (about 3 h of 2 CPU cores for gemma-3-270m and 2 h for SmolLM2-135M).
+#
+#   bash docs/reproduce.sh [OUT_DIR]        (default runs/study; MODELS="gemma3-270m smollm2-135m" by default)
+#
+# Per model, in OUT_DIR/<model>/, each choice made on the validation split alone (the largest validation margin,
+# val_refusal_prob_toxic - val_refusal_prob_seemingly_toxic at the last save; nothing evaluated is ranked by):
+#   1. stl-sweep   STL (stage 2 alone), seed 0, at safety weights 0.1, 0.25, 0.5 (shares 0.09, 0.2, 0.33)
+#   2. dcr-sweep   DCR, seed 0, at those weights x stage-1 lengths of 10 and 30 contrastive steps
+#   3. stl-seeds, dcr-seeds   each method's chosen setting again at seeds 1 and 2
+#   4. stl-aug     STL-aug at STL's chosen weight, seed 0
+#   5. steer/<method>   the four training-free steering baselines on the chosen STL model (seed 0)
+#   6. general capability (100 seeded questions per task) of the chosen seed-0 STL, STL-aug and DCR models
+#   7. export/<method>  those models as Hugging Face directories (not committed)
+# Each finished step's result files are copied to docs/results/study/<model>/ (docs/collect_run.py), with
+# commands.log (every command and its wall time); docs/render_study.py renders docs/reproduction.md's tables from them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-runs/repro}
+OUT=${1:-runs/study}
 PY=${PY:-.venv/bin/python}
-CONFIG=configs/repro_cpu.py
-mkdir -p "$OUT"
-run() { echo "[$(date +%T)] $*" | tee -a "$OUT/commands.log"; "$@"; }
+read -r -a MODELS <<<"${MODELS:-gemma3-270m smollm2-135m}"
+WEIGHTS=0.1,0.25,0.5
+REFINE_STEPS=10,30
+STEER_METHODS=(refusal_direction surgical scans self_cd)
+CAPABILITY=mmlu,arc_easy,arc_challenge,openbookqa,piqa
 
-# 1. Choose the stage-2 learning rate on the validation split: STL (stage 2 only) at each candidate; the winner has
-#    the largest margin val_refusal_prob_toxic - val_refusal_prob_seemingly_toxic at the last step.
-for LR in 1e-4 3e-4; do
-  run $PY -m dcr_jax.main --config=$CONFIG:stl --workdir="$OUT/stl-lr$LR" --config.stages=align \
-    --config.align.lr="$LR"
+run() {
+  echo "[$(date +%T)] $*" | tee -a "$LOG"
+  local start=$SECONDS
+  "$@"
+  echo "[$(date +%T)] finished in $((SECONDS - start)) s" | tee -a "$LOG"
+}
+collect_sweep() {  # sweep directory -> results/<name>/ (sweep.json/.md and each finished point)
+  local dest
+  dest=$RESULTS/$(basename "$1")
+  mkdir -p "$dest"
+  cp "$1/sweep.json" "$1/sweep.md" "$dest/"
+  for point in "$1"/*/; do
+    [[ -f "$point/report.json" ]] && $PY docs/collect_run.py "$point" "$dest/$(basename "$point")" >/dev/null
+  done
+  cp "$LOG" "$RESULTS/"
+}
+best() {  # SWEEP_JSON KEY: the best-ranked point's value of KEY
+  $PY -c 'import json, sys; print(json.load(open(sys.argv[1]))["points"][0]["overrides"][sys.argv[2]])' "$1" "$2"
+}
+best_dir() {  # SWEEP_JSON: the best-ranked point's workdir
+  $PY -c 'import json, sys; print(json.load(open(sys.argv[1]))["points"][0]["workdir"])' "$1"
+}
+
+for MODEL in "${MODELS[@]}"; do
+  D=$OUT/$MODEL
+  RESULTS=docs/results/study/$MODEL
+  LOG=$D/commands.log
+  mkdir -p "$D" "$RESULTS"
+  case $MODEL in
+    gemma3-270m) LAYERS=3,6,9,12 ;;  # steering candidates: every third layer below the last 20%, four of them
+    smollm2-135m) LAYERS=6,12,18,24 ;;
+    *) echo "error: MODELS names $MODEL; choose gemma3-270m and/or smollm2-135m" >&2; exit 2 ;;
+  esac
+  STUDY=configs/study.py:$MODEL
+
+  # 1-2. The sweeps.
+  run $PY -m dcr_jax.sweep --config="$STUDY/stl" --workdir="$D/stl-sweep" --grid=align.safety_weight=$WEIGHTS --seeds=0
+  collect_sweep "$D/stl-sweep"
+  W=$(best "$D/stl-sweep/sweep.json" align.safety_weight)
+  echo "$MODEL: STL's chosen align.safety_weight: $W" | tee -a "$LOG"
+  run $PY -m dcr_jax.sweep --config="$STUDY/dcr" --workdir="$D/dcr-sweep" --grid=align.safety_weight=$WEIGHTS \
+    --grid=refine.steps=$REFINE_STEPS --seeds=0
+  collect_sweep "$D/dcr-sweep"
+  DW=$(best "$D/dcr-sweep/sweep.json" align.safety_weight)
+  DS=$(best "$D/dcr-sweep/sweep.json" refine.steps)
+  echo "$MODEL: DCR's chosen align.safety_weight: $DW, refine.steps: $DS" | tee -a "$LOG"
+
+  # 3. More seeds at the chosen settings.
+  run $PY -m dcr_jax.sweep --config="$STUDY/stl" --workdir="$D/stl-seeds" --grid=align.safety_weight="$W" --seeds=1,2
+  collect_sweep "$D/stl-seeds"
+  run $PY -m dcr_jax.sweep --config="$STUDY/dcr" --workdir="$D/dcr-seeds" --grid=align.safety_weight="$DW" \
+    --grid=refine.steps="$DS" --seeds=1,2
+  collect_sweep "$D/dcr-seeds"
+
+  # 4. STL-aug.
+  run $PY -m dcr_jax.main --config="$STUDY/stl-aug" --workdir="$D/stl-aug" --config.align.safety_weight="$W"
+  $PY docs/collect_run.py "$D/stl-aug" "$RESULTS/stl-aug" >/dev/null
+
+  # 5. Steering on the chosen STL model: each method in a copy of its workdir.
+  STL=$(best_dir "$D/stl-sweep/sweep.json")
+  for METHOD in "${STEER_METHODS[@]}"; do
+    S=$D/steer/$METHOD
+    if [[ ! -d "$S/checkpoints" ]]; then
+      mkdir -p "$S"
+      cp "$STL/config.json" "$S/"
+      cp -r "$STL/checkpoints" "$S/"
+    fi
+    run $PY -m dcr_jax.main --config="$STUDY/stl" --workdir="$S" --config.align.safety_weight="$W" \
+      --config.stages=steer,evaluate --config.steer.method="$METHOD" --config.steer.layers=$LAYERS
+    $PY docs/collect_run.py "$S" "$RESULTS/steer/$METHOD" >/dev/null
+  done
+  cp "$LOG" "$RESULTS/"
+
+  # 6-7. Capability and export of the chosen seed-0 models.
+  DCR=$(best_dir "$D/dcr-sweep/sweep.json")
+  for PAIR in "stl:$STL:$W" "stl-aug:$D/stl-aug:$W" "dcr:$DCR:$DW"; do
+    IFS=: read -r METHOD DIR WEIGHT <<<"$PAIR"
+    EXTRA=()
+    [[ $METHOD == dcr ]] && EXTRA=(--config.refine.steps="$DS")
+    run $PY -m dcr_jax.main --config="$STUDY/$METHOD" --workdir="$DIR" --config.align.safety_weight="$WEIGHT" \
+      "${EXTRA[@]}" --config.stages=evaluate --config.evaluate.capability=$CAPABILITY
+    case $METHOD in
+      stl-aug) $PY docs/collect_run.py "$DIR" "$RESULTS/stl-aug" >/dev/null ;;
+      *) $PY docs/collect_run.py "$DIR" "$RESULTS/$METHOD-sweep/$(basename "$DIR")" >/dev/null ;;
+    esac
+    [[ -f "$D/export/$METHOD/config.json" ]] ||
+      run $PY -m dcr_jax.export --workdir="$DIR" --out="$D/export/$METHOD" --format=hf --overwrite
+  done
+  cp "$LOG" "$RESULTS/"
 done
-LR=$($PY - "$OUT" <<'PYEOF'
-import json, sys
-from pathlib import Path
-best = None
-for lr in ("1e-4", "3e-4"):
-  rows = [json.loads(l) for l in (Path(sys.argv[1]) / f"stl-lr{lr}" / "metrics.jsonl").read_text().splitlines()]
-  last = [r for r in rows if r["stage"] == "align" and "val_refusal_prob_toxic" in r][-1]
-  margin = last["val_refusal_prob_toxic"] - last["val_refusal_prob_seemingly_toxic"]
-  print(f"lr {lr}: step {last['step']} val toxic {last['val_refusal_prob_toxic']:.4f} "
-        f"seemingly {last['val_refusal_prob_seemingly_toxic']:.4f} margin {margin:.4f}", file=sys.stderr)
-  best = max(best or (margin, lr), (margin, lr))
-print(best[1])
-PYEOF
-)
-echo "chosen stage-2 lr: $LR" | tee -a "$OUT/commands.log"
-
-# 2. The three runs with that learning rate (STL reuses its validation run's training; evaluate is added).
-run $PY -m dcr_jax.main --config=$CONFIG:stl --workdir="$OUT/stl-lr$LR" --config.stages=align,evaluate \
-  --config.align.lr="$LR"
-ln -sfn "stl-lr$LR" "$OUT/stl"
-run $PY -m dcr_jax.main --config=$CONFIG:dcr --workdir="$OUT/dcr" --config.align.lr="$LR"
-run $PY -m dcr_jax.main --config=$CONFIG:stl-aug --workdir="$OUT/stl-aug" --config.align.lr="$LR"
-
-# 3. Kernel similarity and refusal probability over checkpoints (base, after stage 1, stage-2 checkpoints).
-run $PY -m dcr_jax.kernels --config=$CONFIG:stl --workdir="$OUT/stl" --config.align.lr="$LR"
-run $PY -m dcr_jax.kernels --config=$CONFIG:dcr --workdir="$OUT/dcr" --config.align.lr="$LR" --compare="$OUT/stl"
-
-# 4. Table 1 layout and the bar chart.
-run $PY -m dcr_jax.report "$OUT/stl" "$OUT/stl-aug" "$OUT/dcr" --out "$OUT/table.md" --png "$OUT/table.png"
+$PY docs/render_study.py

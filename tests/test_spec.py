@@ -28,7 +28,7 @@ def test_spaced_lists_resolve_to_the_same_tuples():
                                data__toxic="builtin:toxic@0:8 , builtin:toxic@8:16"))
   assert spaced.stages == (Stage.REFINE, Stage.ALIGN, Stage.EVALUATE)
   assert spaced.align.lora_targets == ("q", "v")
-  assert spaced.evaluate.suites == (("demo-harmful", 4), ("demo-over-refusal", 32))
+  assert spaced.evaluate.suites == (("demo-harmful", 4, None), ("demo-over-refusal", 32, None))
   assert spaced.refine.class_ratio == (2.0, 1.0)
   assert spaced.data.toxic == ("builtin:toxic@0:8", "builtin:toxic@8:16")
 
@@ -67,7 +67,7 @@ def test_peft_export_of_a_full_fine_tune_is_refused():
     ("align__grad_accum", 3, "config.align.grad_accum=3 must divide align.batch_size=8"),
     ("stages", "refine,bogus", "config.stages='bogus' is unknown"),
     ("stages", " , ", "config.stages=' , ' is empty"),
-    ("evaluate__suites", "demo-harmful:ten", "config.evaluate.suites='demo-harmful:ten' is not NAME or NAME:N"),
+    ("evaluate__suites", "demo-harmful:ten", "config.evaluate.suites='demo-harmful:ten' is not NAME[:N][@START:STO"),
     ("kernels__method", "fd", "config.kernels.method='fd' is unknown"),
     ("evaluate__decode_weights", "int4", "config.evaluate.decode_weights='int4' is unknown; choose float32 or"),
     ("data__toxic", "builtin:toxic@5:2", "empty row selection"),
@@ -99,6 +99,6 @@ def test_the_embedded_default_runs_evaluate_on_prompts_they_never_train_or_valid
   trained = set().union(*(prompts(getattr(spec.data, k), k) for k in ("toxic", "seemingly_toxic", "harmful",
                                                                          "helpful_seemingly")))
   validated = prompts(spec.data.val_toxic, "val_toxic") | prompts(spec.data.val_seemingly_toxic, "val_seemingly")
-  evaluated = {r["prompt"] for name, _ in spec.evaluate.suites for r in load_suite(name)}
+  evaluated = {r["prompt"] for name, _, rows in spec.evaluate.suites for r in load_suite(name, rows=rows)}
   assert trained and validated and len(evaluated) >= 50 and spec.baseline == "stl"
   assert not trained & validated and not trained & evaluated and not validated & evaluated

@@ -128,6 +128,9 @@ _FORMATS: tuple[_Format, ...] = (
           label=_mapped_label("label", {"safe": "seemingly_toxic", "unsafe": "toxic"}), category=_optional("type")),
   _Format("CoCoNot", ("id", "category", "subcategory", "prompt", "response"), _prompt("prompt"),
           response=_optional("response"), category=_optional("category")),
+  # CoCoNot's contrast preference set: benign prompts with a compliant `chosen` and an over-refusing `rejected` answer.
+  _Format("CoCoNot preference", ("prompt", "chosen", "rejected"), _prompt("prompt"), response=_optional("chosen"),
+          category=_optional("subcategory")),
   _Format("records", ("prompt", "label"), _prompt("prompt"), label=_mapped_label("label", {x: x for x in LABELS}),
           response=_optional("response"), category=_optional("category"), source=_optional("source")),
   _Format("HH-RLHF", ("chosen", "rejected"), _first_human_turn, label=lambda row, where, n: "toxic", dedupe=True),

@@ -46,7 +46,8 @@ def load_data(spec: Spec, tokenizer=None) -> EvaluateData:
   """Loads every configured suite (and makes the judge) before anything is written; raises UserError naming the
   problem."""
   ec = spec.evaluate
-  suites = {name: load_suite(name, data_root=ec.data_root, n=n, seed=spec.seed) for name, n in ec.suites}
+  suites = {name: load_suite(name, data_root=ec.data_root, n=n, seed=spec.seed, rows=rows)
+            for name, n, rows in ec.suites}
   return EvaluateData(suites, make_judge(ec.judge))
 
 
@@ -58,7 +59,11 @@ def row_settings(spec: Spec, name: str, model_id: str = "") -> dict:
   and judging."""
   ec = spec.evaluate
   narrow = {"decode_weights": ec.decode_weights} if ec.decode_weights != "float32" else {}  # float32 rows keep keys
-  return {"suite": name, "model": model_id, "seed": spec.seed, "n": dict(ec.suites).get(name),
+  counts = {suite: n for suite, n, _ in ec.suites}
+  rows = {suite: rows for suite, _, rows in ec.suites if rows is not None}
+  if name in rows:  # rows of the whole suite keep the settings they were written with
+    narrow["rows"] = [rows[name].start, rows[name].stop, rows[name].step]
+  return {"suite": name, "model": model_id, "seed": spec.seed, "n": counts.get(name),
           "data_root": ec.data_root, **{key: getattr(ec, key) for key in ROW_SETTINGS}, **narrow}
 
 

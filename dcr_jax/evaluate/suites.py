@@ -173,8 +173,9 @@ def _subsample(records: list[dict], n: int | None, seed: int) -> list[dict]:
 
 
 def load_suite(name: str, *, path: str | os.PathLike | None = None, data_root: str | os.PathLike | None = None,
-               n: int | None = None, seed: int = 0) -> list[dict]:
-  """Records of suite ``name``, every one labelled ``suite.label``; ``n`` keeps a seeded subsample after filtering.
+               n: int | None = None, seed: int = 0, rows: slice | None = None) -> list[dict]:
+  """Records of suite ``name``, every one labelled ``suite.label``; ``rows`` keeps a slice of them (after the suite's
+  own filter and rows), then ``n`` a seeded subsample.
 
   ``path`` (a file or ``hf:`` spec) overrides; otherwise ``<data_root>/<default_local>`` when that file exists;
   otherwise the Hugging Face copy. Unknown names raise ``UnknownSuiteError`` (a ``ValueError``); unreadable or
@@ -192,6 +193,10 @@ def load_suite(name: str, *, path: str | os.PathLike | None = None, data_root: s
                             f"expected {suite.expected_columns}")
   if suite.rows is not None:
     records = records[suite.rows]
+  if rows is not None:
+    records = records[rows]
+    if not records:
+      raise DataError(spec, f"rows {rows.start}:{rows.stop}:{rows.step} of suite {name} select no prompts; narrow less")
   return _subsample(records, n, seed)
 
 

@@ -13,6 +13,7 @@ from dcr_jax.config import base_config
 from dcr_jax.spec import resolve
 from dcr_jax.evaluate import stage
 from dcr_jax.evaluate.refusal import KeywordJudge
+from dcr_jax.evaluate.suites import load_suite
 from dcr_jax.evaluate.refusal_prob import refusal_probability
 from dcr_jax.model import Decoder, tiny
 from dcr_jax.pipeline import builtin_corpus
@@ -81,12 +82,29 @@ def test_unknown_suite_lists_known_ones(setup):
 def test_per_suite_prompt_counts(setup):
   _, _, spec = setup
   counted = spec(suites="demo-over-refusal:3,demo-harmful")
-  assert dict(counted.evaluate.suites) == {"demo-over-refusal": 3, "demo-harmful": 6}
+  assert counted.evaluate.suites == (("demo-over-refusal", 3, None), ("demo-harmful", 6, None))
   assert {name: len(records) for name, records in stage.load_data(counted).suites.items()} == {
       "demo-over-refusal": 3, "demo-harmful": 6}
-  assert dict(spec(n=0).evaluate.suites)["demo-harmful"] is None  # 0 = all
-  with pytest.raises(Exception, match=r"'demo-harmful:ten' is not NAME or NAME:N"):
+  assert spec(n=0).evaluate.suites[1] == ("demo-harmful", None, None)  # 0 = all
+  with pytest.raises(Exception, match=r"'demo-harmful:ten' is not NAME\[:N\]\[@START:STOP\[:STEP\]\]"):
     spec(suites="demo-harmful:ten")
+
+
+def test_suite_rows_narrow_before_the_subsample(setup):
+  _, _, spec = setup
+  rows = spec(suites="demo-harmful:0@10:40:3,demo-over-refusal:4@1::2")
+  assert rows.evaluate.suites == (("demo-harmful", None, slice(10, 40, 3)), ("demo-over-refusal", 4, slice(1, None, 2)))
+  loaded = stage.load_data(rows).suites
+  every_harmful = load_suite("demo-harmful")
+  assert [r["prompt"] for r in loaded["demo-harmful"]] == [r["prompt"] for r in every_harmful[10:40:3]]
+  odd = {r["prompt"] for r in load_suite("demo-over-refusal")[1::2]}
+  assert len(loaded["demo-over-refusal"]) == 4 and {r["prompt"] for r in loaded["demo-over-refusal"]} <= odd
+  assert stage.row_settings(rows, "demo-harmful")["rows"] == [10, 40, 3]
+  assert "rows" not in stage.row_settings(spec(suites="demo-harmful"), "demo-harmful")  # old rows keep their key
+  for bad, says in (("demo-harmful@5:2", "empty row selection"), ("demo-harmful,demo-harmful:3", "twice"),
+                    ("demo-harmful#toxic", "is not NAME")):
+    with pytest.raises(Exception, match=says):
+      spec(suites=bad)
 
 
 def test_validation_is_the_refusal_probability_of_the_saved_model(setup):
