@@ -1,6 +1,7 @@
 """The config resolved once: typed and frozen, lists read one way everywhere, bad values as one-line errors."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -102,3 +103,37 @@ def test_the_embedded_default_runs_evaluate_on_prompts_they_never_train_or_valid
   evaluated = {r["prompt"] for name, _, rows in spec.evaluate.suites for r in load_suite(name, rows=rows)}
   assert trained and validated and len(evaluated) >= 50 and spec.baseline == "stl"
   assert not trained & validated and not trained & evaluated and not validated & evaluated
+
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent (only in the dev workspace)")
+@pytest.mark.parametrize("choice", ["gemma3-270m/dcr", "smollm2-135m/stl-aug"])
+def test_the_study_trains_validates_and_evaluates_on_disjoint_prompts(choice):
+  """configs/study.py: no prompt is in two of training, validation and evaluation; XSTest is evaluation only."""
+  import importlib.util
+
+  from dcr_jax.data.batching import load_spec_list
+  from dcr_jax.evaluate.suites import load_suite
+
+  path = Path(__file__).resolve().parents[1] / "configs" / "study.py"
+  module_spec = importlib.util.spec_from_file_location("study_config_under_test", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  spec = resolve(module.get_config(choice))
+  label = {"toxic": "toxic", "harmful": "toxic", "val_toxic": "toxic", "general": "benign"}
+  prompts = lambda key: {r["prompt"] for r in load_spec_list(getattr(spec.data, key), key=key,
+                                                             label=label.get(key, "seemingly_toxic"))}
+  trained = {key: prompts(key) for key in ("toxic", "seemingly_toxic", "harmful", "helpful_seemingly", "general")}
+  validated = prompts("val_toxic") | prompts("val_seemingly_toxic")
+  evaluated = {name: {r["prompt"] for r in load_suite(name, data_root=spec.evaluate.data_root, rows=rows)}
+               for name, _, rows in spec.evaluate.suites}
+  assert {name: len(p) for name, p in evaluated.items()} == {
+      "xstest": 125, "demo-over-refusal-heldout": 31, "xstest-unsafe": 100, "advbench": 105, "harmbench": 80,
+      "demo-harmful-heldout": 28}
+  assert len(trained["toxic"]) == 500 and len(trained["harmful"]) == 999 and len(validated) == 189
+  every_trained, every_evaluated = set().union(*trained.values()), set().union(*evaluated.values())
+  assert not every_trained & validated and not every_trained & every_evaluated and not validated & every_evaluated
+  with pytest.raises(ValueError, match="choose MODEL/METHOD"):
+    module.get_config("gemma3-270m/steer")
