@@ -25,28 +25,8 @@ REFINE_STEPS=10,30
 STEER_METHODS=(refusal_direction surgical scans self_cd)
 CAPABILITY=mmlu,arc_easy,arc_challenge,openbookqa,piqa
 
-run() {
-  echo "[$(date +%T)] $*" | tee -a "$LOG"
-  local start=$SECONDS
-  "$@"
-  echo "[$(date +%T)] finished in $((SECONDS - start)) s" | tee -a "$LOG"
-}
-collect_sweep() {  # sweep directory -> results/<name>/ (sweep.json/.md and each finished point)
-  local dest
-  dest=$RESULTS/$(basename "$1")
-  mkdir -p "$dest"
-  cp "$1/sweep.json" "$1/sweep.md" "$dest/"
-  for point in "$1"/*/; do
-    [[ -f "$point/report.json" ]] && $PY docs/collect_run.py "$point" "$dest/$(basename "$point")" >/dev/null
-  done
-  cp "$LOG" "$RESULTS/"
-}
-best() {  # SWEEP_JSON KEY: the best-ranked point's value of KEY
-  $PY -c 'import json, sys; print(json.load(open(sys.argv[1]))["points"][0]["overrides"][sys.argv[2]])' "$1" "$2"
-}
-best_dir() {  # SWEEP_JSON: the best-ranked point's workdir
-  $PY -c 'import json, sys; print(json.load(open(sys.argv[1]))["points"][0]["workdir"])' "$1"
-}
+# shellcheck source=docs/lib.sh
+source docs/lib.sh
 
 for MODEL in "${MODELS[@]}"; do
   D=$OUT/$MODEL

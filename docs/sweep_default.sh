@@ -16,30 +16,14 @@ PY=${PY:-.venv/bin/python}
 RESULTS=docs/results/sweep-default
 ALIGN_STEPS=20
 mkdir -p "$OUT" "$RESULTS"
-run() {
-  echo "[$(date +%T)] $*" | tee -a "$OUT/commands.log"
-  local start=$SECONDS
-  "$@"
-  echo "[$(date +%T)] finished in $((SECONDS - start)) s" | tee -a "$OUT/commands.log"
-}
-collect() {  # sweep directory -> docs/results/sweep-default/<name>/
-  local sweep=$1 dest
-  dest=$RESULTS/$(basename "$1")
-  mkdir -p "$dest"
-  cp "$sweep/sweep.json" "$sweep/sweep.md" "$dest/"
-  for point in "$sweep"/*/; do
-    [[ -f "$point/report.json" ]] && $PY docs/collect_run.py "$point" "$dest/$(basename "$point")" >/dev/null
-  done
-  cp "$OUT/commands.log" "$RESULTS/"
-}
-best() {  # the best-ranked setting's value of KEY in a sweep.json
-  $PY -c 'import json, sys; print(json.load(open(sys.argv[1]))["points"][0]["overrides"][sys.argv[2]])' "$1" "$2"
-}
+LOG=$OUT/commands.log
+# shellcheck source=docs/lib.sh
+source docs/lib.sh
 
 # 1. Stage 2 (STL): the safety share of the stage-2 mix (general weight 0.9 beside it; the weights are normalised).
 run $PY -m dcr_jax.sweep --config=configs/gemma.py --workdir="$OUT/stl" --config.stages=align --config.baseline= \
   --config.align.steps=$ALIGN_STEPS --grid=align.safety_weight=0.1,0.3
-collect "$OUT/stl"
+collect_sweep "$OUT/stl"
 SAFETY=$(best "$OUT/stl/sweep.json" align.safety_weight)
 echo "chosen align.safety_weight: $SAFETY" | tee -a "$OUT/commands.log"
 
@@ -47,6 +31,6 @@ echo "chosen align.safety_weight: $SAFETY" | tee -a "$OUT/commands.log"
 run $PY -m dcr_jax.sweep --config=configs/gemma.py --workdir="$OUT/dcr" --config.stages=refine,align \
   --config.baseline= --config.align.steps=$ALIGN_STEPS --config.align.safety_weight="$SAFETY" \
   --grid=refine.steps=10,20,40
-collect "$OUT/dcr"
+collect_sweep "$OUT/dcr"
 echo "chosen refine.steps: $(best "$OUT/dcr/sweep.json" refine.steps)" | tee -a "$OUT/commands.log"
 cp "$OUT/commands.log" "$RESULTS/"
