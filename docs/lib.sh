@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Helpers shared by the study scripts (docs/reproduce.sh, docs/sweep_default.sh), which source this file and set
 # PY (the Python to run), LOG (their command log) and RESULTS (where result files are copied).
 
