@@ -35,7 +35,7 @@ for MODEL in "${MODELS[@]}"; do
   mkdir -p "$D" "$RESULTS"
   case $MODEL in
     gemma3-270m) LAYERS=3,6,9,12 ;;  # steering candidates: every third layer below the last 20%, four of them
-    smollm2-135m) LAYERS=6,12,18,24 ;;
+    smollm2-135m) LAYERS=5,10,15,20 ;;
     *) echo "error: MODELS names $MODEL; choose gemma3-270m and/or smollm2-135m" >&2; exit 2 ;;
   esac
   STUDY=configs/study.py:$MODEL
