@@ -278,6 +278,8 @@ def frontier_plot(results: dict[str, Path], out: Path) -> None:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=7, loc="lower left")
+    else:
+      ax.text(0.5, 0.5, "not run yet", ha="center", va="center", transform=ax.transAxes)
   fig.tight_layout()
   out.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(out, dpi=110)
