@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:-runs/study}
 PY=${PY:-.venv/bin/python}
 read -r -a MODELS <<<"${MODELS:-gemma3-270m smollm2-135m}"
-WEIGHTS=0.1,0.25,0.5
+WEIGHTS=0.5,0.25,0.1  # the largest first: the points nearest a useful Safety finish first
 REFINE_STEPS=10,30
 STEER_METHODS=(refusal_direction surgical scans self_cd)
 CAPABILITY=mmlu,arc_easy,arc_challenge,openbookqa,piqa
