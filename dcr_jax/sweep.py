@@ -5,8 +5,8 @@ python -m dcr_jax.sweep --config=configs/X.py --workdir=DIR --grid=refine.lr=1e-
 
 Every point of the grid product × seeds is an ordinary `dcr_jax.main` workdir under DIR, named by its settings (e.g.
 `DIR/refine.lr=1e-05,refine.steps=10,seed=0`), run in this process through `dcr_jax.main.run` with the base model
-and tokenizer loaded once. A re-run skips the finished points and resumes a partial one. After every point the sweep
-rewrites DIR/sweep.json (every point: overrides, seed, workdir, status, objective, validation and report metrics) and
+and tokenizer loaded once. A re-run skips the finished points and resumes a partial one. At the start and after
+every point the sweep rewrites DIR/sweep.json (every point, those not yet run as "pending": overrides, seed, workdir, status, objective, validation and report metrics) and
 DIR/sweep.md (the points and the settings, ranked by the objective). The objective reads only the validation split
 (`data.val_toxic`, `data.val_seemingly_toxic`, logged at every save); the evaluation suites are shown, never ranked by.
 A grid value list is comma-separated, or semicolon-separated when the values hold commas (`refine.layer=6,9;9`).
@@ -308,24 +308,31 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: epath.PathLike, grid: 
       prepare_workdir(workdir / point.name, point_cfg)
   models = models if models is not None else ModelCache()
   ensure_dir(workdir)
-  rows, ran, skipped = [], 0, 0
-  started = time.time()
-  for (point, point_cfg), spec in zip(tqdm(todo, desc="sweep", disable=not show_progress, dynamic_ncols=True),
-                                      specs):
-    point_dir = workdir / point.name
-    status, error = "done", None
-    if _finished(point_dir, spec):
-      skipped += 1
-    else:
-      ran += 1
-      try:
-        pipeline_main.run(point_cfg, point_dir, models=models)
-      except TrainingDiverged as e:
-        status, error = "diverged", str(e)
-    rows.append({**summarize(point, point_dir, spec, objective, status), **({"error": error} if error else {})})
-    _write(workdir, objective, grid, rows, {"ran": ran, "skipped": skipped, "seconds": round(time.time() - started, 2),
+  finished = [_finished(workdir / point.name, spec) for (point, _), spec in zip(todo, specs)]
+  # every point is listed from the start (finished ones with their results, the rest "pending"), so that the record
+  # of a sweep stopped part-way is complete
+  rows = [summarize(point, workdir / point.name, spec, objective, "done" if done else "pending")
+          for (point, _), spec, done in zip(todo, specs, finished)]
+  ran, started = 0, time.time()
+
+  def write() -> None:
+    _write(workdir, objective, grid, rows, {"ran": ran, "skipped": sum(finished),
+                                            "seconds": round(time.time() - started, 2),
                                             "model_build_seconds": [round(s, 3) for s in models.build_seconds],
                                             "model_copy_seconds": [round(s, 3) for s in models.copy_seconds]})
+
+  write()
+  for i in tqdm([i for i, done in enumerate(finished) if not done], desc="sweep", disable=not show_progress,
+                dynamic_ncols=True):
+    (point, point_cfg), spec, point_dir = todo[i], specs[i], workdir / todo[i][0].name
+    status, error = "done", None
+    ran += 1
+    try:
+      pipeline_main.run(point_cfg, point_dir, models=models)
+    except TrainingDiverged as e:
+      status, error = "diverged", str(e)
+    rows[i] = {**summarize(point, point_dir, spec, objective, status), **({"error": error} if error else {})}
+    write()
   return json.loads((workdir / "sweep.json").read_text())
 
 

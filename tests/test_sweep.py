@@ -71,11 +71,17 @@ def test_a_sweep_runs_every_point_ranks_by_validation_and_resumes(tmp_path, monk
   report = json.loads(partial.read_text())
   del report["stages"]["evaluate"]
   partial.write_text(json.dumps(report))
-  calls = []
-  monkeypatch.setattr(pipeline_main, "run", lambda config, workdir, models=None: calls.append(workdir) or real_run(
-      config, workdir, models=models))
+  calls, listed = [], []
+
+  def resume(config, workdir, models=None):
+    calls.append(workdir)  # sweep.json already lists every point: the finished one, and this one as pending
+    listed.append({p["name"]: p["status"] for p in json.loads((tmp_path / "sweep.json").read_text())["points"]})
+    return real_run(config, workdir, models=models)
+
+  monkeypatch.setattr(pipeline_main, "run", resume)
   resumed = sweep.run_sweep(config, tmp_path, grid, [0], models=models, show_progress=False)
   assert [str(c) for c in calls] == [str(tmp_path / names[1])] and resumed["this_invocation"]["ran"] == 1
+  assert listed == [{names[0]: "done", names[1]: "pending"}]
   assert "evaluate" in json.loads(partial.read_text())["stages"]
   assert (tmp_path / "sweep.md").read_text() == table
 
