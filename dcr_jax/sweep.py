@@ -6,8 +6,9 @@ python -m dcr_jax.sweep --config=configs/X.py --workdir=DIR --grid=refine.lr=1e-
 Every point of the grid product × seeds is an ordinary `dcr_jax.main` workdir under DIR, named by its settings (e.g.
 `DIR/refine.lr=1e-05,refine.steps=10,seed=0`), run in this process through `dcr_jax.main.run` with the base model
 and tokenizer loaded once. A re-run skips the finished points and resumes a partial one. At the start and after
-every point the sweep rewrites DIR/sweep.json (every point, those not yet run as "pending": overrides, seed, workdir, status, objective, validation and report metrics) and
-DIR/sweep.md (the points and the settings, ranked by the objective). The objective reads only the validation split
+every point the sweep rewrites DIR/sweep.json (every point, those not yet run as "pending": overrides, seed,
+workdir, status, objective, validation and report metrics) and DIR/sweep.md (the points and the settings, ranked by
+the objective). The objective reads only the validation split
 (`data.val_toxic`, `data.val_seemingly_toxic`, logged at every save); the evaluation suites are shown, never ranked by.
 A grid value list is comma-separated, or semicolon-separated when the values hold commas (`refine.layer=6,9;9`).
 """
