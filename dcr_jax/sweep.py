@@ -286,9 +286,9 @@ def sweep_markdown(workdir: epath.Path, objective: str, grid: list[tuple[str, li
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: epath.PathLike, grid: list[tuple[str, list]],
               seeds: list[int], objective: str = "margin", models: ModelCache | None = None,
-              show_progress: bool = True) -> dict:
+              show_progress: bool = True, record_only: bool = False) -> dict:
   """Runs (or resumes, or skips when finished) every point, rewriting DIR/sweep.json and DIR/sweep.md after each;
-  returns sweep.json's content. Every point's config is resolved, and the objective checked, before DIR is
+  returns sweep.json's content. `record_only` writes them from the points already finished and runs nothing. Every point's config is resolved, and the objective checked, before DIR is
   touched."""
   workdir = as_path(workdir)
   if objective not in OBJECTIVES:
@@ -323,7 +323,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: epath.PathLike, grid: 
                                             "model_copy_seconds": [round(s, 3) for s in models.copy_seconds]})
 
   write()
-  for i in tqdm([i for i, done in enumerate(finished) if not done], desc="sweep", disable=not show_progress,
+  for i in tqdm([] if record_only else [i for i, done in enumerate(finished) if not done], desc="sweep", disable=not show_progress,
                 dynamic_ncols=True):
     (point, point_cfg), spec, point_dir = todo[i], specs[i], workdir / todo[i][0].name
     status, error = "done", None
@@ -363,6 +363,8 @@ def _define_flags() -> dict:
       "seeds": flags.DEFINE_string("seeds", "", "Comma-separated seeds, each run at every setting (default: "
                                    "config.seed)."),
       "objective": flags.DEFINE_string("objective", "margin", f"Validation objective: {', '.join(OBJECTIVES)}."),
+      "record_only": flags.DEFINE_bool("record_only", False, "Rewrite sweep.json/.md from the points already "
+                                       "finished (the rest pending) and run nothing."),
       "compilation_cache": flags.DEFINE_string("compilation_cache", "<workdir>/jax_cache", "JAX's persistent "
                                                "compilation cache: points whose programs are the same (e.g. seeds) "
                                                "and re-runs reuse compiled steps; '' = off."),
@@ -380,7 +382,7 @@ def main(argv):
     if f["compilation_cache"]:  # before anything compiles: JAX decides at the first compilation
       jax.config.update("jax_compilation_cache_dir", f["compilation_cache"].replace("<workdir>", str(workdir)))
     result = run_sweep(f["config"], workdir, parse_grid(f["grid"], f["config"]),
-                       parse_seeds(f["seeds"], f["config"].seed), f["objective"])
+                       parse_seeds(f["seeds"], f["config"].seed), f["objective"], record_only=f["record_only"])
     run = result["this_invocation"]
     built, copied = run["model_build_seconds"], run["model_copy_seconds"]
     reuse = f"; model built {len(built)}× ({sum(built):.1f} s), copied {len(copied)}× ({sum(copied):.1f} s)"

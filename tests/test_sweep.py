@@ -63,6 +63,11 @@ def test_a_sweep_runs_every_point_ranks_by_validation_and_resumes(tmp_path, monk
 
   real_run = pipeline_main.run
   monkeypatch.setattr(pipeline_main, "run", lambda *a, **k: pytest.fail("a finished point ran again"))
+  recorded = sweep.run_sweep(config, tmp_path, grid, [0, 1], show_progress=False,
+                             record_only=True)  # another seed: its points are listed as pending, and nothing runs
+  assert [p["status"] for p in recorded["points"]] == ["done", "done", "pending", "pending"]
+  assert [p["name"] for p in recorded["points"]][2:] == [n.replace("seed=0", "seed=1") for n in names]
+  assert recorded["this_invocation"]["ran"] == 0
   again = sweep.run_sweep(config, tmp_path, grid, [0], show_progress=False)
   assert again["this_invocation"]["skipped"] == 2 and again["points"] == result["points"]
   assert (tmp_path / "sweep.md").read_text() == table
