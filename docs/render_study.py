@@ -144,11 +144,14 @@ def sweep_table(results: Path) -> str:
     if not ranked:
       rows.append([method.upper(), "not run yet"] + [""] * 7)
       continue
+    complete = all(p["status"] == "done" for p in ranked["points"])
     for rank, point in enumerate(ranked["points"]):
       validation = point.get("validation") or {}
       cosine = (point.get("refine_cosine") or {}).get("after") or {}
       evaluated = stacked([point_dir(results, f"{method}-sweep", point)])
-      rows.append([method.upper(), setting(point["overrides"]) + (" **(chosen)**" if rank == 0 else ""),
+      mark = (" **(chosen)**" if complete else " (best so far; sweep unfinished)") if rank == 0 else ""
+      rows.append([method.upper(), setting(point["overrides"]) + mark + ("" if point["status"] == "done" else
+                                                                         f" ({point['status']})"),
                    num(validation.get("val_refusal_prob_toxic"), 4),
                    num(validation.get("val_refusal_prob_seemingly_toxic"), 4), num(point.get("objective"), 4),
                    f"{num(cosine.get('within'))} / {num(cosine.get('across'))}" if cosine else "–",

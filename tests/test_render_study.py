@@ -79,6 +79,17 @@ def test_chosen_settings_pool_their_seeds_and_the_target_is_checked(render_study
   assert (tmp_path / "frontier.png").stat().st_size > 10_000
 
 
+def test_a_sweep_stopped_part_way_chooses_nothing(render_study, tmp_path):
+  _sweep(tmp_path, "dcr-sweep", [({"refine.steps": 10}, 0, 0.3, {"xstest": [False, True]})])
+  record = json.loads((tmp_path / "dcr-sweep" / "sweep.json").read_text())
+  record["points"].append({"name": "refine.steps=30,seed=0", "overrides": {"refine.steps": 30}, "seed": 0,
+                           "status": "pending", "objective": None})
+  (tmp_path / "dcr-sweep" / "sweep.json").write_text(json.dumps(record))
+  assert render_study.chosen(tmp_path, "dcr") is None
+  text = render_study.sweep_table(tmp_path)
+  assert "stage-1 steps 10 (best so far; sweep unfinished)" in text and "stage-1 steps 30 (pending) |" in text
+
+
 def test_unfinished_sweeps_render_as_not_run(render_study, tmp_path):
   assert "not run yet" in render_study.sweep_table(tmp_path)
   assert render_study.results_table(tmp_path) == "Not run yet."
