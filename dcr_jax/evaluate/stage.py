@@ -61,7 +61,7 @@ def row_settings(spec: Spec, name: str, model_id: str = "") -> dict:
   narrow = {"decode_weights": ec.decode_weights} if ec.decode_weights != "float32" else {}  # float32 rows keep keys
   counts = {suite: n for suite, n, _ in ec.suites}
   rows = {suite: rows for suite, _, rows in ec.suites if rows is not None}
-  if name in rows:  # rows of the whole suite keep the settings they were written with
+  if name in rows:  # no slice, no key: rows written before slices existed still resume
     narrow["rows"] = [rows[name].start, rows[name].stop, rows[name].step]
   return {"suite": name, "model": model_id, "seed": spec.seed, "n": counts.get(name),
           "data_root": ec.data_root, **{key: getattr(ec, key) for key in ROW_SETTINGS}, **narrow}
