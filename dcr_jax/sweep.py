@@ -8,8 +8,8 @@ Every point of the grid product × seeds is an ordinary `dcr_jax.main` workdir u
 and tokenizer loaded once. A re-run skips the finished points and resumes a partial one. At the start and after
 every point the sweep rewrites DIR/sweep.json (every point, those not yet run as "pending": overrides, seed,
 workdir, status, objective, validation and report metrics) and DIR/sweep.md (the points and the settings, ranked by
-the objective). The objective reads only the validation split
-(`data.val_toxic`, `data.val_seemingly_toxic`, logged at every save); the evaluation suites are shown, never ranked by.
+the objective). The objective reads only the validation split (`data.val_toxic`, `data.val_seemingly_toxic`, logged
+at every save); the evaluation suites are shown, never ranked by.
 A grid value list is comma-separated, or semicolon-separated when the values hold commas (`refine.layer=6,9;9`).
 """
 
@@ -288,8 +288,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: epath.PathLike, grid: 
               seeds: list[int], objective: str = "margin", models: ModelCache | None = None,
               show_progress: bool = True, record_only: bool = False) -> dict:
   """Runs (or resumes, or skips when finished) every point, rewriting DIR/sweep.json and DIR/sweep.md after each;
-  returns sweep.json's content. `record_only` writes them from the points already finished and runs nothing. Every point's config is resolved, and the objective checked, before DIR is
-  touched."""
+  returns sweep.json's content. `record_only` writes them from the points already finished and runs nothing. Every
+  point's config is resolved, and the objective checked, before DIR is touched."""
   workdir = as_path(workdir)
   if objective not in OBJECTIVES:
     raise UserError(f"--objective={objective}: unknown; choose from {', '.join(OBJECTIVES)}")
@@ -323,8 +323,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: epath.PathLike, grid: 
                                             "model_copy_seconds": [round(s, 3) for s in models.copy_seconds]})
 
   write()
-  for i in tqdm([] if record_only else [i for i, done in enumerate(finished) if not done], desc="sweep", disable=not show_progress,
-                dynamic_ncols=True):
+  remaining = [] if record_only else [i for i, done in enumerate(finished) if not done]
+  for i in tqdm(remaining, desc="sweep", disable=not show_progress, dynamic_ncols=True):
     (point, point_cfg), spec, point_dir = todo[i], specs[i], workdir / todo[i][0].name
     status, error = "done", None
     ran += 1

@@ -17,13 +17,11 @@ for DIR in "$RUN" "$RUN/baseline-stl"; do
     exit 2
   fi
 done
+# shellcheck source=docs/lib.sh
+source docs/lib.sh
 for DIR in "$RUN" "$RUN/baseline-stl"; do
-  start=$SECONDS
-  echo "[$(date +%T)] $PY -m dcr_jax.main --config=configs/gemma.py --workdir=$DIR --config.stages=evaluate" \
-    "--config.baseline= --config.evaluate.capability=$TASKS --config.evaluate.capability_n=$N" | tee -a "$LOG"
-  $PY -m dcr_jax.main --config=configs/gemma.py --workdir="$DIR" --config.stages=evaluate --config.baseline= \
+  run $PY -m dcr_jax.main --config=configs/gemma.py --workdir="$DIR" --config.stages=evaluate --config.baseline= \
     --config.evaluate.capability="$TASKS" --config.evaluate.capability_n="$N"
-  echo "[$(date +%T)] $DIR: $((SECONDS - start)) s wall" | tee -a "$LOG"
 done
 $PY docs/collect_run.py "$RUN" docs/results/default-gemma --log "$LOG"
 $PY docs/render_results.py

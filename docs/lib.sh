@@ -1,6 +1,7 @@
 # shellcheck shell=bash
-# Helpers shared by the study scripts (docs/reproduce.sh, docs/sweep_default.sh), which source this file and set
-# PY (the Python to run), LOG (their command log) and RESULTS (where result files are copied).
+# Helpers shared by the study scripts (docs/reproduce.sh, sweep_default.sh, steer_on_stl.sh, capability_default.sh),
+# which source this file and set PY (the Python to run), LOG (their command log) and RESULTS (where result files
+# are copied).
 
 run() {  # COMMAND...: log it, run it, log its wall time
   echo "[$(date +%T)] $*" | tee -a "$LOG"

@@ -13,9 +13,11 @@ rows). A method's score is the unweighted mean over its suites of each suite's r
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,9 +53,14 @@ def outcomes(directory: Path) -> dict[str, tuple[str, dict[str, float]]]:
   return out
 
 
-def stacked(directories: list[Path]) -> dict[str, tuple[str, np.ndarray]]:
+def stacked(directories: Sequence[Path]) -> dict[str, tuple[str, np.ndarray]]:
   """suite -> (kind, [seeds, prompts] outcomes) over the runs of one method, prompts aligned by text; only suites and
-  prompts every run evaluated."""
+  prompts every run evaluated. Read once per render (the tables and the plot share it)."""
+  return _stacked(tuple(directories))
+
+
+@functools.lru_cache(maxsize=None)
+def _stacked(directories: tuple[Path, ...]) -> dict[str, tuple[str, np.ndarray]]:
   runs = [outcomes(d) for d in directories]
   if not runs or not all(runs):
     return {}
@@ -84,6 +91,12 @@ def interval(rows: dict[str, tuple[str, np.ndarray]], kind: str) -> tuple[float,
     pick = rng.integers(0, seeds, seeds)
     draws[b] = np.mean([t[pick][:, rng.integers(0, t.shape[1], t.shape[1])].mean() for t in tables])
   return score(rows, kind), float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
+
+
+@functools.lru_cache(maxsize=None)
+def estimate(directories: tuple[Path, ...], kind: str) -> tuple[float, float, float] | None:
+  """`interval` of the runs in `directories`, computed once per render."""
+  return interval(stacked(directories), kind)
 
 
 def sweep(results: Path, name: str) -> dict | None:
@@ -148,14 +161,14 @@ def sweep_table(results: Path) -> str:
     for rank, point in enumerate(ranked["points"]):
       validation = point.get("validation") or {}
       cosine = (point.get("refine_cosine") or {}).get("after") or {}
-      evaluated = stacked([point_dir(results, f"{method}-sweep", point)])
+      runs = (point_dir(results, f"{method}-sweep", point),)
       mark = (" **(chosen)**" if complete else " (best so far; sweep unfinished)") if rank == 0 else ""
       rows.append([method.upper(), setting(point["overrides"]) + mark + ("" if point["status"] == "done" else
                                                                          f" ({point['status']})"),
                    num(validation.get("val_refusal_prob_toxic"), 4),
                    num(validation.get("val_refusal_prob_seemingly_toxic"), 4), num(point.get("objective"), 4),
                    f"{num(cosine.get('within'))} / {num(cosine.get('across'))}" if cosine else "–",
-                   cell(interval(evaluated, "over_refusal")), cell(interval(evaluated, "harmful")),
+                   cell(estimate(runs, "over_refusal")), cell(estimate(runs, "harmful")),
                    f"{point['stages']['align']['seconds']:.0f}" if point.get("stages", {}).get("align") else "–"])
     rho = (ranked.get("validation_vs_evaluation") or {})
     agreement.append(f"{method.upper()}: Spearman ρ = {num(rho.get('spearman_rho'))} over {rho.get('points', 0)} "
@@ -199,8 +212,8 @@ def results_table(results: Path) -> str:
   for label, chosen_setting, directories in methods:
     evaluated = stacked(directories)
     capability = (_report(directories[0]) or {}).get("eval_summary", {}).get("capability", {})
-    rows.append([label, chosen_setting, str(len(directories)), cell(interval(evaluated, "over_refusal")),
-                 cell(interval(evaluated, "harmful"))]
+    rows.append([label, chosen_setting, str(len(directories)), cell(estimate(tuple(directories), "over_refusal")),
+                 cell(estimate(tuple(directories), "harmful"))]
                 + [num(evaluated[s][1].mean()) if s in evaluated else "–" for s in suites]
                 + [num(capability.get(t)) for t in CAPABILITY])
   return table(header, rows)
@@ -254,8 +267,8 @@ def frontier_plot(results: dict[str, Path], out: Path) -> None:
         continue
       points = []
       for point in ranked["points"]:
-        evaluated = stacked([point_dir(model_results, f"{method}-sweep", point)])
-        x, y = interval(evaluated, "harmful"), interval(evaluated, "over_refusal")
+        runs = (point_dir(model_results, f"{method}-sweep", point),)
+        x, y = estimate(runs, "harmful"), estimate(runs, "over_refusal")
         if x and y:
           ax.errorbar(x[0], y[0], xerr=[[x[0] - x[1]], [x[2] - x[0]]], yerr=[[y[0] - y[1]], [y[2] - y[0]]],
                       fmt="o", color=colour, alpha=0.6, capsize=2)

@@ -27,7 +27,9 @@ if [[ ! -d "$STL/checkpoints/align" ]]; then
   exit 2
 fi
 mkdir -p "$OUT" "$RESULTS"
-run() { echo "[$(date +%T)] $*" | tee -a "$OUT/commands.log"; "$@"; }
+LOG=$OUT/commands.log
+# shellcheck source=docs/lib.sh
+source docs/lib.sh
 
 for METHOD in "${METHODS[@]}"; do
   DIR="$OUT/$METHOD"
@@ -36,10 +38,8 @@ for METHOD in "${METHODS[@]}"; do
     cp "$STL/config.json" "$DIR/"
     cp -r "$STL/checkpoints" "$DIR/"
   fi
-  start=$SECONDS
   run $PY -m dcr_jax.main --config=configs/gemma.py --workdir="$DIR" --config.stages=steer,evaluate \
     --config.baseline= --config.steer.method="$METHOD" --config.steer.layers="$LAYERS"
-  echo "[$(date +%T)] $METHOD: $((SECONDS - start)) s wall" | tee -a "$OUT/commands.log"
   $PY docs/collect_run.py "$DIR" "$RESULTS/$METHOD"
 done
-cp "$OUT/commands.log" "$RESULTS/commands.log"
+cp "$LOG" "$RESULTS/commands.log"

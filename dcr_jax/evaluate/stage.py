@@ -59,11 +59,10 @@ def row_settings(spec: Spec, name: str, model_id: str = "") -> dict:
   and judging."""
   ec = spec.evaluate
   narrow = {"decode_weights": ec.decode_weights} if ec.decode_weights != "float32" else {}  # float32 rows keep keys
-  counts = {suite: n for suite, n, _ in ec.suites}
-  rows = {suite: rows for suite, _, rows in ec.suites if rows is not None}
-  if name in rows:  # no slice, no key: rows written before slices existed still resume
-    narrow["rows"] = [rows[name].start, rows[name].stop, rows[name].step]
-  return {"suite": name, "model": model_id, "seed": spec.seed, "n": counts.get(name),
+  _, n, rows = next((s for s in ec.suites if s[0] == name), (name, None, None))
+  if rows is not None:  # no slice, no key: rows written before slices existed still resume
+    narrow["rows"] = [rows.start, rows.stop, rows.step]
+  return {"suite": name, "model": model_id, "seed": spec.seed, "n": n,
           "data_root": ec.data_root, **{key: getattr(ec, key) for key in ROW_SETTINGS}, **narrow}
 
 
