@@ -15,6 +15,9 @@
 #   7. export/<method>  those models as Hugging Face directories (not committed)
 # Each finished step's result files are copied to docs/results/study/<model>/ (docs/collect_run.py), with
 # commands.log (every command and its wall time); docs/render_study.py renders docs/reproduction.md's tables from them.
+# On a machine without OUT_DIR, every run committed there as evaluated is put back (docs/collect_run.py --restore)
+# and not run again; a restored run whose checkpoints a later step needs (steering, capability, export) is trained
+# again with its seed and checked to reach the committed run's validation figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/study}
@@ -33,6 +36,10 @@ for MODEL in "${MODELS[@]}"; do
   RESULTS=docs/results/study/$MODEL
   LOG=$D/commands.log
   mkdir -p "$D" "$RESULTS"
+  if [[ ! -f $LOG && -f $RESULTS/commands.log ]]; then  # resumed without runs/: the committed log goes on
+    cp "$RESULTS/commands.log" "$LOG"
+    echo "[$(date +%T)] (resumed on a machine without $D: evaluated runs restored from $RESULTS, not run again)" >>"$LOG"
+  fi
   case $MODEL in
     gemma3-270m) LAYERS=3,6,9,12 ;;  # steering candidates: every third layer below the last 20%, four of them
     smollm2-135m) LAYERS=5,10,15,20 ;;
@@ -41,10 +48,12 @@ for MODEL in "${MODELS[@]}"; do
   STUDY=configs/study.py:$MODEL
 
   # 1-2. The sweeps.
+  restore_sweep "$D/stl-sweep"
   run $PY -m dcr_jax.sweep --config="$STUDY/stl" --workdir="$D/stl-sweep" --grid=align.safety_weight=$WEIGHTS --seeds=0
   collect_sweep "$D/stl-sweep"
   W=$(best "$D/stl-sweep/sweep.json" align.safety_weight)
   echo "$MODEL: STL's chosen align.safety_weight: $W" | tee -a "$LOG"
+  restore_sweep "$D/dcr-sweep"
   run $PY -m dcr_jax.sweep --config="$STUDY/dcr" --workdir="$D/dcr-sweep" --grid=align.safety_weight=$WEIGHTS \
     --grid=refine.steps=$REFINE_STEPS --seeds=0
   collect_sweep "$D/dcr-sweep"
@@ -53,6 +62,8 @@ for MODEL in "${MODELS[@]}"; do
   echo "$MODEL: DCR's chosen align.safety_weight: $DW, refine.steps: $DS" | tee -a "$LOG"
 
   # 3. More seeds at the chosen settings.
+  restore_sweep "$D/stl-seeds"
+  restore_sweep "$D/dcr-seeds"
   run $PY -m dcr_jax.sweep --config="$STUDY/stl" --workdir="$D/stl-seeds" --grid=align.safety_weight="$W" --seeds=1,2
   collect_sweep "$D/stl-seeds"
   run $PY -m dcr_jax.sweep --config="$STUDY/dcr" --workdir="$D/dcr-seeds" --grid=align.safety_weight="$DW" \
@@ -60,13 +71,19 @@ for MODEL in "${MODELS[@]}"; do
   collect_sweep "$D/dcr-seeds"
 
   # 4. STL-aug.
-  run $PY -m dcr_jax.main --config="$STUDY/stl-aug" --workdir="$D/stl-aug" --config.align.safety_weight="$W"
-  $PY docs/collect_run.py "$D/stl-aug" "$RESULTS/stl-aug" >/dev/null
+  $PY docs/collect_run.py --restore "$RESULTS/stl-aug" "$D/stl-aug" >/dev/null
+  if ! finished "$D/stl-aug"; then
+    run $PY -m dcr_jax.main --config="$STUDY/stl-aug" --workdir="$D/stl-aug" --config.align.safety_weight="$W"
+    $PY docs/collect_run.py "$D/stl-aug" "$RESULTS/stl-aug" >/dev/null
+  fi
 
   # 5. Steering on the chosen STL model: each method in a copy of its workdir.
   STL=$(best_dir "$D/stl-sweep/sweep.json")
   for METHOD in "${STEER_METHODS[@]}"; do
     S=$D/steer/$METHOD
+    $PY docs/collect_run.py --restore "$RESULTS/steer/$METHOD" "$S" >/dev/null
+    finished "$S" && continue
+    ensure_checkpoints "$STL" align --config="$STUDY/stl" --config.align.safety_weight="$W" --config.seed=0
     if [[ ! -d "$S/checkpoints" ]]; then
       mkdir -p "$S"
       cp "$STL/config.json" "$S/"
@@ -82,16 +99,22 @@ for MODEL in "${MODELS[@]}"; do
   DCR=$(best_dir "$D/dcr-sweep/sweep.json")
   for PAIR in "stl:$STL:$W" "stl-aug:$D/stl-aug:$W" "dcr:$DCR:$DW"; do
     IFS=: read -r METHOD DIR WEIGHT <<<"$PAIR"
-    EXTRA=()
-    [[ $METHOD == dcr ]] && EXTRA=(--config.refine.steps="$DS")
-    run $PY -m dcr_jax.main --config="$STUDY/$METHOD" --workdir="$DIR" --config.align.safety_weight="$WEIGHT" \
-      "${EXTRA[@]}" --config.stages=evaluate --config.evaluate.capability=$CAPABILITY
-    case $METHOD in
-      stl-aug) $PY docs/collect_run.py "$DIR" "$RESULTS/stl-aug" >/dev/null ;;
-      *) $PY docs/collect_run.py "$DIR" "$RESULTS/$METHOD-sweep/$(basename "$DIR")" >/dev/null ;;
-    esac
-    [[ -f "$D/export/$METHOD/config.json" ]] ||
+    ARGS=(--config="$STUDY/$METHOD" --config.align.safety_weight="$WEIGHT" --config.seed=0)
+    TRAINING=align
+    [[ $METHOD == dcr ]] && ARGS+=(--config.refine.steps="$DS") && TRAINING=refine,align
+    if ! finished "$DIR" capability; then
+      ensure_checkpoints "$DIR" $TRAINING "${ARGS[@]}"
+      run $PY -m dcr_jax.main --workdir="$DIR" "${ARGS[@]}" --config.stages=evaluate \
+        --config.evaluate.capability=$CAPABILITY
+      case $METHOD in
+        stl-aug) $PY docs/collect_run.py "$DIR" "$RESULTS/stl-aug" >/dev/null ;;
+        *) $PY docs/collect_run.py "$DIR" "$RESULTS/$METHOD-sweep/$(basename "$DIR")" >/dev/null ;;
+      esac
+    fi
+    if [[ ! -f "$D/export/$METHOD/config.json" ]]; then
+      ensure_checkpoints "$DIR" $TRAINING "${ARGS[@]}"
       run $PY -m dcr_jax.export --workdir="$DIR" --out="$D/export/$METHOD" --format=hf --overwrite
+    fi
   done
   cp "$LOG" "$RESULTS/"
 done

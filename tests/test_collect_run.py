@@ -37,3 +37,28 @@ def test_unfinished_run_is_refused(collect_run, tmp_path):
   with pytest.raises(SystemExit, match="report.json not found"):
     collect_run.collect(tmp_path / "missing", tmp_path / "out")
   assert not (tmp_path / "out").exists()
+
+
+def test_restore_puts_an_evaluated_run_back_where_the_run_keeps_it(collect_run, tmp_path):
+  run = tmp_path / "run"
+  for name in ("config.json", "metrics.jsonl", "steer/steer.json", "eval/xstest.jsonl", "eval/xstest.settings.json",
+               "kernels/kernel_step_32.json", "baseline-stl/eval/xstest.jsonl", "checkpoints/align/2/state"):
+    write(run / name, name)
+  write(run / "report.json", '{"eval_summary": {"safety": 0.5}}')
+  write(run / "baseline-stl/report.json", '{"eval_summary": {}}')
+  collect_run.collect(run, tmp_path / "results")
+  back = tmp_path / "back"
+  restored = collect_run.restore(tmp_path / "results", back)
+  names = sorted(str(p.relative_to(back)) for p in restored)
+  assert names == ["baseline-stl/eval/xstest.jsonl", "baseline-stl/report.json", "config.json",
+                   "eval/xstest.jsonl", "eval/xstest.settings.json", "kernels/kernel_step_32.json", "metrics.jsonl",
+                   "report.json", "steer/steer.json"]
+  for name in names:
+    assert (back / name).read_text() == (run / name).read_text()
+  assert collect_run.restore(tmp_path / "results", back) == []  # a run already there is never overwritten
+
+
+def test_restore_skips_a_run_that_was_not_evaluated(collect_run, tmp_path):
+  write(tmp_path / "results" / "report.json", '{"model": {}}')
+  assert collect_run.restore(tmp_path / "results", tmp_path / "back") == []
+  assert not (tmp_path / "back").exists()
