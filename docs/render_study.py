@@ -236,19 +236,30 @@ def target(results: Path) -> str:
 
 
 def wall_times(results: Path) -> str:
-  """Each command of docs/reproduce.sh that finished, with its wall time, from commands.log."""
+  """Each command of docs/reproduce.sh with its wall time from commands.log: finished ones, stopped ones, the total."""
   log = results / "commands.log"
   if not log.is_file():
     return "Not run yet."
-  rows, command = [], None
+  rows, command, started, total = [], None, 0, 0
   for line in log.read_text().splitlines():
-    done = re.match(r"\[[\d:]+\] finished in (\d+) s$", line)
+    stamped = re.match(r"\[(\d+):(\d+):(\d+)\] (.*)$", line)
+    if not stamped:
+      continue
+    hours, minutes, seconds, text = stamped.groups()
+    now = 3600 * int(hours) + 60 * int(minutes) + int(seconds)
+    done = re.fullmatch(r"finished in (\d+) s", text)
     if done and command:
       rows.append([f"`{command}`", done.group(1)])
-      command = None
-    elif re.match(r"\[[\d:]+\] ", line):
-      command = re.sub(r"^\[[\d:]+\] (\S*python )?", "", line).replace("|", "\\|")
-  return table(["command (after `python`)", "wall s"], rows) if rows else "Not run yet."
+      total, command = total + int(done.group(1)), None
+    elif text.startswith("(stopped") and command:
+      elapsed = (now - started) % 86400  # the log's stamps are times of day
+      rows.append([f"`{command}`", f"{elapsed} (stopped, resumed below)"])
+      total, command = total + elapsed, None
+    elif not text.startswith("("):
+      command, started = re.sub(r"^(\S*python )?", "", text).replace("|", "\\|"), now
+  if not rows:
+    return "Not run yet."
+  return table(["command (after `python`)", "wall s"], rows + [["**total**", f"**{total}** ({total / 3600:.1f} h)"]])
 
 
 def frontier_plot(results: dict[str, Path], out: Path) -> None:

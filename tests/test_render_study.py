@@ -99,5 +99,10 @@ def test_unfinished_sweeps_render_as_not_run(render_study, tmp_path):
 def test_wall_times_come_from_the_command_log(render_study, tmp_path):
   (tmp_path / "commands.log").write_text(
       "[04:32:55] .venv/bin/python -m dcr_jax.sweep --config=a|b --seeds=0\n[04:50:00] finished in 1025 s\n"
-      "gemma3-270m: STL's chosen align.safety_weight: 0.25\n[04:50:01] .venv/bin/python -m dcr_jax.main --x\n")
-  assert render_study.wall_times(tmp_path).splitlines()[2:] == ["| `-m dcr_jax.sweep --config=a\\|b --seeds=0` | 1025 |"]
+      "gemma3-270m: STL's chosen align.safety_weight: 0.25\n[23:50:01] .venv/bin/python -m dcr_jax.main --x\n"
+      "[00:10:01] (stopped at the end of the sitting)\n[00:10:02] (resumed on a fresh machine)\n"
+      "[00:10:02] .venv/bin/python -m dcr_jax.main --y\n")
+  assert render_study.wall_times(tmp_path).splitlines()[2:] == [
+      "| `-m dcr_jax.sweep --config=a\\|b --seeds=0` | 1025 |",
+      "| `-m dcr_jax.main --x` | 1200 (stopped, resumed below) |",
+      "| **total** | **2225** (0.6 h) |"]
