@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The reproduction study of docs/reproduction.md (configs/study.py), end to end; every step resumes, so it can be
-# run in several sittings (about 3 h of 2 CPU cores for gemma-3-270m and 2 h for SmolLM2-135M).
+# run in several sittings (measured on 2 CPU cores: 3.9 h for gemma-3-270m, in three sittings with two retrains,
+# and 2.2 h for SmolLM2-135M in one; the "Wall time" tables of docs/reproduction.md).
 #
 #   bash docs/reproduce.sh [OUT_DIR]        (default runs/study; MODELS="gemma3-270m smollm2-135m" by default)
 #
