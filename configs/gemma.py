@@ -21,12 +21,13 @@ TPU_SIZES = {
 }
 
 
-# The embedded default run's settings, chosen on its validation split (the built-in sets' rows 1::4) by
-# docs/sweep_default.sh, recorded in docs/results/sweep-default/: stage 2's safety share from {0.1, 0.3} as STL, then
-# stage 1's steps from {10, 20, 40} as DCR with that stage 2, each by the largest validation margin (refusal
-# probability of toxic minus seemingly toxic prompts). Stage 2 is 20 steps so that DCR and its STL baseline fit in
-# 15 minutes on 2 CPU cores.
-CHOSEN_ON_VALIDATION = {"align.steps": 20, "align.safety_weight": 0.3, "refine.steps": 10}
+# The embedded default run's settings are the ones the reproduction study chose on its validation split for
+# gemma-3-270m (docs/reproduction.md, docs/results/study/gemma3-270m/): stage 2's safety weight 0.5 beside a general
+# weight of 1.0 (a third of the mix), chosen as STL from {0.1, 0.25, 0.5}; 30 stage-1 steps, chosen as DCR from
+# {10, 30} at each weight; both by the largest validation margin (refusal probability of toxic minus seemingly toxic
+# prompts). Stage 2 is 20 steps so that DCR and its STL baseline fit in 15 minutes on 2 CPU cores.
+CHOSEN_ON_VALIDATION = {"align.steps": 20, "align.general_weight": 1.0, "align.safety_weight": 0.5,
+                        "refine.steps": 30}
 
 
 def get_config(variant: str = "gemma3-270m"):
