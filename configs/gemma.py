@@ -37,7 +37,5 @@ def get_config(variant: str = "gemma3-270m"):
     tpu_defaults(config, *TPU_SIZES[variant])
   elif variant == "gemma3-270m":
     cpu_defaults(config)
-    for key, value in CHOSEN_ON_VALIDATION.items():
-      section, name = key.split(".")
-      config[section][name] = value
+    config.update_from_flattened_dict(CHOSEN_ON_VALIDATION)
   return config
