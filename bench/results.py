@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -97,15 +98,30 @@ def peak_rss(data: Any) -> float | None:
   return num(v)
 
 
+def recorded_at(path: Path) -> dt.datetime:
+  """When a result file was written: its last commit's date if git tracks it unchanged (a fresh clone resets every
+  file's mtime), else its modification time."""
+  try:
+    git = ["git", "-C", str(path.parent)]
+    changed = subprocess.run([*git, "status", "--porcelain", "--", path.name], capture_output=True, text=True, timeout=30)
+    committed = subprocess.run([*git, "log", "-1", "--format=%ct", "--", path.name], capture_output=True, text=True,
+                               timeout=30)
+    if changed.returncode == 0 and not changed.stdout.strip() and committed.stdout.strip():
+      return dt.datetime.fromtimestamp(int(committed.stdout.strip()))
+  except (OSError, subprocess.SubprocessError, ValueError):
+    pass
+  return dt.datetime.fromtimestamp(path.stat().st_mtime)
+
+
 def load(results: Path) -> dict[str, dict[str, Any]]:
-  """Each bench name -> {"path", "data" (dict or None), "mtime" (datetime or None), "error" (str or None)}."""
+  """Each bench name -> {"path", "data" (dict or None), "mtime" (when written, or None), "error" (str or None)}."""
   out = {}
   for name in (*BENCHES, *EXTRA):
     path = results / f"{name}.json"
     entry: dict[str, Any] = {"path": path, "data": None, "mtime": None, "error": None}
     if path.exists():
       try:
-        entry["mtime"] = dt.datetime.fromtimestamp(path.stat().st_mtime)
+        entry["mtime"] = recorded_at(path)
         data = json.loads(path.read_text())
         if isinstance(data, dict):
           entry["data"] = data
@@ -128,7 +144,7 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def header_section(benches: dict[str, dict[str, Any]]) -> list[str]:
-  """Machine and versions, with one line per source file (modified date, load at start, or "not run")."""
+  """Machine and versions, with one line per source file (date recorded, load at start, or "not run")."""
   lines = []
   machines = {}
   for name in BENCHES:
@@ -153,7 +169,7 @@ def header_section(benches: dict[str, dict[str, Any]]) -> list[str]:
     load_avg = get(b["data"], "machine", "load_average_at_start")
     load_s = "/".join(fmt(x, ".2f") for x in load_avg) if isinstance(load_avg, list) else NA
     rows.append([f"{name}.json", b["error"] or "ok", when, load_s])
-  lines += table(["file", "status", "last modified", "load avg at start (1/5/15 min)"], rows)
+  lines += table(["file", "status", "recorded", "load avg at start (1/5/15 min)"], rows)
   return lines
 
 
