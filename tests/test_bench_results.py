@@ -1,6 +1,9 @@
 """bench/results.py: a timing taken beside other processes is reported as contended and its goal is not judged."""
 
+import datetime as dt
 import json
+import os
+import subprocess
 
 import pytest
 
@@ -87,3 +90,18 @@ def test_neural_tangents_row_and_cases(results, tmp_path):
   assert met_column(results, tmp_path, {"kernels_nt": data})["(g) "] == "no"
   data["cases"][0]["others_busy"] = 1.0
   assert met_column(results, tmp_path, {"kernels_nt": data})["(g) "] == "contended — not judged"
+
+
+def test_a_committed_result_is_dated_by_its_commit_and_a_changed_one_by_its_mtime(results, tmp_path):
+  """A fresh clone gives every file the clone's mtime, so an unchanged tracked file takes its commit's date."""
+  path = tmp_path / "forward.json"
+  path.write_text("{}")
+  env = {**os.environ, "GIT_AUTHOR_DATE": "2020-01-02T03:04:05", "GIT_COMMITTER_DATE": "2020-01-02T03:04:05",
+         "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+  for args in (["init", "-q"], ["add", "forward.json"], ["commit", "-qm", "r"]):
+    subprocess.run(["git", "-C", str(tmp_path), *args], check=True, env=env)
+  os.utime(path, (1.7e9, 1.7e9))
+  assert results.recorded_at(path) == dt.datetime(2020, 1, 2, 3, 4, 5)
+  path.write_text('{"changed": 1}')
+  os.utime(path, (1.7e9, 1.7e9))
+  assert results.recorded_at(path) == dt.datetime.fromtimestamp(1.7e9)
