@@ -107,10 +107,18 @@ def _training_stages(stages: str) -> list[str]:
 
 
 def prepare_workdir(workdir: epath.PathLike, config: ml_collections.ConfigDict) -> None:
-  """Creates the workdir and writes config.json. A re-run resumes, so it must keep the training settings; the
-  stages it runs may differ only by leaving training out (e.g. `--config.stages=evaluate` on a trained workdir)."""
+  """Creates the workdir and writes config.json, after `resumable_config` has checked it against the run there."""
   workdir = as_path(workdir)
-  config_file = workdir / "config.json"
+  resolved = resumable_config(workdir, config)
+  ensure_dir(workdir)
+  write_json(workdir / "config.json", resolved)
+
+
+def resumable_config(workdir: epath.PathLike, config: ml_collections.ConfigDict) -> dict:
+  """The config.json that running `config` in `workdir` would write; touches nothing. A re-run resumes, so it must
+  keep the training settings; the stages it runs may differ only by leaving training out (e.g.
+  `--config.stages=evaluate` on a trained workdir), and then the saved stages are kept."""
+  config_file = as_path(workdir) / "config.json"
   resolved = json.loads(config.to_json_best_effort())
   if config_file.is_file():
     previous = _with_defaults(json.loads(config_file.read_text()), json.loads(base_config().to_json_best_effort()))
@@ -124,8 +132,7 @@ def prepare_workdir(workdir: epath.PathLike, config: ml_collections.ConfigDict) 
                       "use a new --workdir or delete it")
     if not new_training:
       resolved["stages"] = previous.get("stages")
-  ensure_dir(workdir)
-  write_json(config_file, resolved)
+  return resolved
 
 
 def _with_defaults(saved: dict, defaults: dict) -> dict:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from dcr_jax import main as pipeline_main
 from dcr_jax import spec as spec_lib
 from dcr_jax.errors import UserError, run_command
-from dcr_jax.pipeline import ModelCache, prepare_workdir
+from dcr_jax.pipeline import ModelCache, resumable_config
 from dcr_jax.report import DASH, _fmt, _table, load_report
 from dcr_jax.train.loop import TrainingDiverged, last_logged
 from dcr_jax.workdir_io import as_path, check_workdir, ensure_dir, write_json, write_text_atomic
@@ -304,9 +304,10 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: epath.PathLike, grid: 
     raise UserError(f"--grid: two points share the workdir name {max(names, key=names.count)}; give distinct values")
   if not specs[0].training_stages:
     raise UserError(f"config.stages={config.stages}: the objective is logged by training; include refine or align")
-  for (point, point_cfg) in todo:  # a point already run under other training settings fails before any runs
-    if (workdir / point.name / "config.json").is_file():
-      prepare_workdir(workdir / point.name, point_cfg)
+  # a point already run under other training settings fails before any runs; config.json is left as it is (a
+  # finished point's may record a later evaluation, e.g. capability)
+  for point, point_cfg in todo:
+    resumable_config(workdir / point.name, point_cfg)
   models = models if models is not None else ModelCache()
   ensure_dir(workdir)
   finished = [_finished(workdir / point.name, spec) for (point, _), spec in zip(todo, specs)]
@@ -315,12 +316,14 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: epath.PathLike, grid: 
   rows = [summarize(point, workdir / point.name, spec, objective, "done" if done else "pending")
           for (point, _), spec, done in zip(todo, specs, finished)]
   ran, started = 0, time.time()
+  earlier = _invocations(workdir / "sweep.json")  # kept: a resumed sweep does not erase how its points were run
 
   def write() -> None:
     _write(workdir, objective, grid, rows, {"ran": ran, "skipped": sum(finished),
                                             "seconds": round(time.time() - started, 2),
                                             "model_build_seconds": [round(s, 3) for s in models.build_seconds],
-                                            "model_copy_seconds": [round(s, 3) for s in models.copy_seconds]})
+                                            "model_copy_seconds": [round(s, 3) for s in models.copy_seconds]},
+           earlier)
 
   write()
   remaining = [] if record_only else [i for i, done in enumerate(finished) if not done]
@@ -337,14 +340,24 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: epath.PathLike, grid: 
   return json.loads((workdir / "sweep.json").read_text())
 
 
+def _invocations(sweep_json: epath.Path) -> list[dict]:
+  """Every invocation recorded in an existing sweep.json, oldest first (none if there is none or it is unreadable)."""
+  try:
+    previous = json.loads(sweep_json.read_text())
+  except (OSError, ValueError):
+    return []
+  return [*previous.get("earlier_invocations", []), *([previous["this_invocation"]] if "this_invocation" in previous
+                                                        else [])]
+
+
 def _write(workdir: epath.Path, objective: str, grid: list[tuple[str, list]], rows: list[dict],
-           invocation: dict) -> None:
+           invocation: dict, earlier: list[dict]) -> None:
   write_json(workdir / "sweep.json", {
       "objective": {"name": objective, "definition": OBJECTIVES[objective].definition, "split": "validation"},
       "grid": {k: v for k, v in grid}, "points": _ranked(rows, "objective"), "settings": _ranked(_settings(rows),
                                                                                                 "objective"),
       "validation_vs_evaluation": rank_agreement(rows, objective),
-      "this_invocation": invocation})
+      "this_invocation": invocation, "earlier_invocations": earlier})
   write_text_atomic(workdir / "sweep.md", sweep_markdown(workdir, objective, grid, rows))
 
 

@@ -32,7 +32,11 @@ best_dir() {  # SWEEP_JSON: the best-ranked point's workdir
 }
 
 restore_sweep() {  # SWEEP_DIR: put each evaluated point committed under $RESULTS/<name>/ back into SWEEP_DIR (no
-  local point  # checkpoints), so that a study resumed on a machine without runs/ does not run it again
+  local point record  # checkpoints), so that a study resumed on a machine without runs/ does not run it again;
+  record=$RESULTS/$(basename "$1")/sweep.json  # and its sweep.json, so that the resumed sweep adds to its invocations
+  if [[ -f $record && ! -f $1/sweep.json ]]; then
+    mkdir -p "$1" && cp "$record" "$1/sweep.json"
+  fi
   for point in "$RESULTS/$(basename "$1")"/*/; do
     [[ -d $point ]] && $PY docs/collect_run.py --restore "$point" "$1/$(basename "$point")" >/dev/null
   done

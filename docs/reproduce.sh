@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The reproduction study of docs/reproduction.md (configs/study.py), end to end; every step resumes, so it can be
 # run in several sittings (measured on 2 CPU cores: 3.9 h for gemma-3-270m, in three sittings with two retrains,
-# and 2.2 h for SmolLM2-135M in one; the "Wall time" tables of docs/reproduction.md).
+# and 2.2 h for SmolLM2-135M in one; resumed later on a fresh machine, retraining the three seed-0 models of each
+# for export took another 0.6 h and 0.5 h; the "Wall time" tables of docs/reproduction.md).
 #
 #   bash docs/reproduce.sh [OUT_DIR]        (default runs/study; MODELS="gemma3-270m smollm2-135m" by default)
 #

@@ -68,8 +68,14 @@ def test_a_sweep_runs_every_point_ranks_by_validation_and_resumes(tmp_path, monk
   assert [p["status"] for p in recorded["points"]] == ["done", "done", "pending", "pending"]
   assert [p["name"] for p in recorded["points"]][2:] == [n.replace("seed=0", "seed=1") for n in names]
   assert recorded["this_invocation"]["ran"] == 0
+  evaluated_later = tmp_path / names[0] / "config.json"  # as after `--config.stages=evaluate` with capability there
+  saved = json.loads(evaluated_later.read_text())
+  saved["evaluate"]["capability"] = "piqa"
+  evaluated_later.write_text(json.dumps(saved))
   again = sweep.run_sweep(config, tmp_path, grid, [0], show_progress=False)
   assert again["this_invocation"]["skipped"] == 2 and again["points"] == result["points"]
+  assert json.loads(evaluated_later.read_text()) == saved  # a finished point's record is not rewritten
+  assert [i["ran"] for i in again["earlier_invocations"]] == [2, 0]  # the first run's record is kept, then record_only
   assert (tmp_path / "sweep.md").read_text() == table
 
   partial = tmp_path / names[1] / "report.json"  # as if killed during evaluation
