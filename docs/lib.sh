@@ -31,9 +31,12 @@ best_dir() {  # SWEEP_JSON: the best-ranked point's workdir
   $PY -c 'import json, sys; print(json.load(open(sys.argv[1]))["points"][0]["workdir"])' "$1"
 }
 
-restore_sweep() {  # SWEEP_DIR: put each evaluated point committed under $RESULTS/<name>/ back into SWEEP_DIR (no
-  local point record  # checkpoints), so that a study resumed on a machine without runs/ does not run it again;
-  record=$RESULTS/$(basename "$1")/sweep.json  # and its sweep.json, so that the resumed sweep adds to its invocations
+# SWEEP_DIR: put each evaluated point committed under $RESULTS/<name>/ back into SWEEP_DIR (no checkpoints), so that a
+# study resumed on a machine without runs/ does not run it again; and its sweep.json, so that the resumed sweep adds
+# to the recorded invocations.
+restore_sweep() {
+  local point record
+  record=$RESULTS/$(basename "$1")/sweep.json
   if [[ -f $record && ! -f $1/sweep.json ]]; then
     mkdir -p "$1" && cp "$record" "$1/sweep.json"
   fi
